@@ -1,0 +1,184 @@
+"""The shard format: sample layout, deterministic WebDataset tar writing, random-access reading, the manifest.
+
+A sample is a group of tar members `<key>.<field>` (WebDataset convention): token arrays as `.npy` (never pickle),
+metadata as `.json`. Tars are written with fixed headers (mtime 0, uid 0, mode 0644) and sorted members, so the
+same inputs and config give byte-identical shards. Every file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("contrastive", "listwise")
+
+# field -> dtype, per kind; the loader and tests rely on these exact names.
+FIELDS = {
+    "contrastive": {
+        "query_ids": np.int32,
+        "doc_ids": np.int32,  # all candidate documents, concatenated
+        "doc_offsets": np.int64,  # n_docs + 1 boundaries into doc_ids; positives first, then negatives
+        "doc_hash": np.uint64,  # content hash per document (false-negative / duplicate masking)
+    },
+    "listwise": {
+        "query_ids": np.int32,
+        "prompt_ids": np.int32,
+        "doc_ids": np.int32,
+        "doc_offsets": np.int64,
+        "doc_hash": np.uint64,
+        "ranking": np.int16,  # 0-based candidate indices, teacher's best first
+    },
+}
+
+
+class ShardFormatError(ValueError):
+    pass
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, data
+
+
+def encode_sample(key: str, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> list[tuple[str, bytes]]:
+    if "." in key or "/" in key:
+        raise ShardFormatError(f"sample key {key!r} must not contain '.' or '/'")
+    spec = FIELDS[kind]
+    if set(arrays) != set(spec):
+        raise ShardFormatError(f"{kind} sample {key} needs fields {sorted(spec)}, got {sorted(arrays)}")
+    out = [(f"{key}.{f}.npy", _npy(np.ascontiguousarray(arrays[f], dtype=spec[f]))) for f in sorted(spec)]
+    out.append((f"{key}.meta.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()))
+    return out
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_shard(path: Path, members: Iterable[tuple[str, bytes]]) -> int:
+    """Write a tar deterministically; returns its size. Partial files only ever exist under a hidden temp name."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info, payload = _member(name, data)
+            tar.addfile(info, io.BytesIO(payload))
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+class ShardReader:
+    """Random access to the samples of one shard: indexes member offsets once, then reads only what is asked."""
+
+    def __init__(self, path: str | Path, kind: str):
+        self.path = Path(path)
+        self.kind = kind
+        self.index: dict[str, dict[str, tuple[int, int]]] = {}
+        self.keys: list[str] = []
+        with tarfile.open(self.path, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, field = m.name.partition(".")
+                if key not in self.index:
+                    self.index[key] = {}
+                    self.keys.append(key)
+                self.index[key][field] = (m.offset_data, m.size)
+        self._fh = open(self.path, "rb")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, i: int) -> dict[str, Any]:
+        key = self.keys[i]
+        fields = self.index[key]
+        out: dict[str, Any] = {"__key__": key}
+        for name, (off, size) in fields.items():
+            self._fh.seek(off)
+            raw = self._fh.read(size)
+            if name.endswith(".npy"):
+                out[name[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
+            elif name.endswith(".json"):
+                out[name[:-5]] = json.loads(raw)
+        missing = set(FIELDS[self.kind]) - set(out)
+        if missing:
+            raise ShardFormatError(f"{self.path}: sample {key} lacks {sorted(missing)}")
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def docs_of(sample: dict[str, Any]) -> list[np.ndarray]:
+    off = sample["doc_offsets"]
+    return [sample["doc_ids"][off[i] : off[i + 1]] for i in range(len(off) - 1)]
+
+
+# -- manifest --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    samples: int
+    source_runs: tuple[tuple[str, int], ...]  # consecutive (source, count) in sample order
+    bytes: int
+    sha256: str
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_manifest(
+    shard_dir: str | Path, *, kind: str | None = None, tokenizer_fingerprint: str | None = None
+) -> dict[str, Any]:
+    """Load and check a manifest; each failure says what to change."""
+    d = Path(shard_dir)
+    p = d / MANIFEST
+    if not d.is_dir():
+        raise ShardFormatError(f"shard directory {d} does not exist")
+    if not p.is_file():
+        raise ShardFormatError(
+            f"{d} has no {MANIFEST}: the pipeline did not finish there; re-run `python -m data_pipeline` on it"
+        )
+    m = json.loads(p.read_text())
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ShardFormatError(
+            f"{p}: schema_version {m.get('schema_version')} != {SCHEMA_VERSION}; re-run the pipeline"
+        )
+    if kind is not None and m.get("kind") != kind:
+        raise ShardFormatError(f"{p}: holds {m.get('kind')!r} shards, {kind!r} expected")
+    if tokenizer_fingerprint is not None and m.get("tokenizer", {}).get("fingerprint") != tokenizer_fingerprint:
+        raise ShardFormatError(
+            f"{p}: shards were tokenized with another tokenizer ({m.get('tokenizer', {}).get('name')}); "
+            "re-run the pipeline with this model's tokenizer"
+        )
+    for s in m["shards"]:
+        if not (d / s["name"]).is_file():
+            raise ShardFormatError(f"{p}: lists {s['name']}, which is missing from {d}")
+    return m

@@ -1,0 +1,7 @@
+# Environment for every process we start on a CPU machine (../shared/notes/cpu-stack.md 9). Sourced, not run.
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
+  PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning,ignore::DeprecationWarning} \
+  MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SKIP_DS_SHM_OP=1 TOKENIZERS_PARALLELISM=false
+# Real data beside the project (never copied into it); tests that need it skip when it is absent.
+export E2RANK_SHARED_DATA=${E2RANK_SHARED_DATA:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/shared/data}
