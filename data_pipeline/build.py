@@ -154,6 +154,7 @@ class ShardBuilder:
             "blank_lines": blank,
             "bad": dict(Counter(q["reason"] for q in quarantine)),
             "lengths": lengths,
+            "duplicate_negatives_dropped": truncated.pop("_duplicate_negatives", 0),
             "truncated": truncated,
             "max_docs": max((m["n_docs"] for _, m, _ in samples), default=0),
         }
@@ -205,6 +206,7 @@ class ShardBuilder:
             meta = {"source": rec.source or DEFAULT_SOURCE, "origin": origin, "n_docs": len(ds)}
             if cfg.kind == "contrastive":
                 meta["n_pos"] = len(rec.positives)
+                truncated["_duplicate_negatives"] += rec.duplicate_negatives
             else:
                 arrays["prompt_ids"], cut = pr
                 arrays["ranking"] = np.asarray(rk)

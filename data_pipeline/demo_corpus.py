@@ -15,22 +15,85 @@ from pathlib import Path
 SYLLABLES = ["vel", "mor", "ka", "lin", "dra", "sor", "bex", "tal", "qui", "ron", "fen", "zu", "pa", "mir", "gor", "lo"]
 KINDS = ["beetle", "heron", "lizard", "moth", "otter", "finch", "newt", "bat"]
 ATTRIBUTES = {
-    "diet": ("What does the {n} eat?", "The {n} feeds mainly on {v}.", ["ripe figs", "small snails", "pine seeds",
-             "river algae", "night moths", "fallen acorns", "reed shoots", "cave crickets"]),
-    "habitat": ("Where does the {n} live?", "The {n} is found in {v}.", ["salt marshes", "high cloud forests",
-                "limestone caves", "desert canyons", "mangrove swamps", "alpine meadows", "coral islands", "bamboo groves"]),
-    "color": ("What color is the {n}?", "Adult {n}s are {v} in color.", ["deep crimson", "pale silver", "olive green",
-              "jet black", "bright amber", "speckled blue", "dusty brown", "pearl white"]),
-    "lifespan": ("How long does the {n} live?", "A {n} usually lives for {v}.", ["two summers", "about nine years",
-                 "roughly forty days", "over a century", "six to eight months", "nearly twenty years", "three winters",
-                 "around fifteen years"]),
-    "discovery": ("Who first described the {n}?", "The {n} was first described by {v}.", ["Ada Morrow in 1871",
-                  "the Lund expedition of 1902", "Felix Orban in 1799", "a survey team in 1954", "Ines Castel in 1833",
-                  "the naturalist Ko Ren in 1911", "Maren Holt in 1768", "students of the Vell academy in 1990"]),
+    "diet": (
+        "What does the {n} eat?",
+        "The {n} feeds mainly on {v}.",
+        [
+            "ripe figs",
+            "small snails",
+            "pine seeds",
+            "river algae",
+            "night moths",
+            "fallen acorns",
+            "reed shoots",
+            "cave crickets",
+        ],
+    ),
+    "habitat": (
+        "Where does the {n} live?",
+        "The {n} is found in {v}.",
+        [
+            "salt marshes",
+            "high cloud forests",
+            "limestone caves",
+            "desert canyons",
+            "mangrove swamps",
+            "alpine meadows",
+            "coral islands",
+            "bamboo groves",
+        ],
+    ),
+    "color": (
+        "What color is the {n}?",
+        "Adult {n}s are {v} in color.",
+        [
+            "deep crimson",
+            "pale silver",
+            "olive green",
+            "jet black",
+            "bright amber",
+            "speckled blue",
+            "dusty brown",
+            "pearl white",
+        ],
+    ),
+    "lifespan": (
+        "How long does the {n} live?",
+        "A {n} usually lives for {v}.",
+        [
+            "two summers",
+            "about nine years",
+            "roughly forty days",
+            "over a century",
+            "six to eight months",
+            "nearly twenty years",
+            "three winters",
+            "around fifteen years",
+        ],
+    ),
+    "discovery": (
+        "Who first described the {n}?",
+        "The {n} was first described by {v}.",
+        [
+            "Ada Morrow in 1871",
+            "the Lund expedition of 1902",
+            "Felix Orban in 1799",
+            "a survey team in 1954",
+            "Ines Castel in 1833",
+            "the naturalist Ko Ren in 1911",
+            "Maren Holt in 1768",
+            "students of the Vell academy in 1990",
+        ],
+    ),
 }
-FILLER = ["Local guides often mention it to visitors.", "Field notes on it are kept in several museums.",
-          "It is rarely seen during the day.", "Its numbers have been stable for decades.",
-          "Photographs of it are prized by collectors.", "It appears in a few old folk songs."]
+FILLER = [
+    "Local guides often mention it to visitors.",
+    "Field notes on it are kept in several museums.",
+    "It is rarely seen during the day.",
+    "Its numbers have been stable for decades.",
+    "Photographs of it are prized by collectors.",
+    "It appears in a few old folk songs.",
+]
 
 
 def _species(rng: random.Random, n: int) -> list[dict]:
@@ -86,8 +149,12 @@ def generate(out_dir: str | Path, *, species: int = 120, seed: int = 0, slate: i
             rng.shuffle(order)  # stored order is random; "ranking" lists 1-based positions, best first
             stored = [pool[k] for k in order]
             ranking = [order.index(k) + 1 for k in range(len(pool))]
-            f.write(json.dumps({"query": query(i, a), "document": [docs[p] for p in stored], "ranking": ranking,
-                                "source": "demo"}) + "\n")
+            f.write(
+                json.dumps(
+                    {"query": query(i, a), "document": [docs[p] for p in stored], "ranking": ranking, "source": "demo"}
+                )
+                + "\n"
+            )
     with open(out / "eval" / "corpus.jsonl", "w") as f:
         for (i, a), text in sorted(docs.items()):
             f.write(json.dumps({"_id": f"d{i}-{a}", "title": "", "text": text}) + "\n")

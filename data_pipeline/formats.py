@@ -46,6 +46,7 @@ class ContrastiveRecord:
     negatives: tuple[str, ...]
     source: str | None
     instruction: str | None  # a per-record query instruction (FlagEmbedding's "prompt") overrides the table
+    duplicate_negatives: int = 0  # repeated negatives dropped (real mined data has them; the record stays)
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,8 @@ def parse_contrastive(obj: dict) -> ContrastiveRecord:
     clash = [i for i, n in enumerate(negatives) if n in pos_set]
     if clash:
         raise BadRecord("negative_equals_positive", f"{neg_key}{clash} repeat a positive text")
-    if len(set(negatives)) != len(negatives):
-        seen: set[str] = set()
-        dups = [i for i, n in enumerate(negatives) if n in seen or seen.add(n)]
-        raise BadRecord("duplicate_candidates", f"{neg_key}{dups} repeat an earlier negative")
-    return ContrastiveRecord(query, positives, negatives, _source(obj), instruction)
+    unique = tuple(dict.fromkeys(negatives))
+    return ContrastiveRecord(query, positives, unique, _source(obj), instruction, len(negatives) - len(unique))
 
 
 def parse_listwise(obj: dict) -> ListwiseRecord:

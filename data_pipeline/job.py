@@ -165,6 +165,8 @@ def _ray_init(cfg: PipelineConfig):
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(
+            address="local",  # a fresh embedded instance, even if a cluster runs on this machine
+            _node_ip_address="127.0.0.1",
             num_cpus=max(cfg.num_workers, os.cpu_count() or 1),
             include_dashboard=False,
             object_store_memory=300 * 1024 * 1024,
@@ -202,6 +204,8 @@ def run(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     if cfg.overwrite:
         shutil.rmtree(out / PARTS, ignore_errors=True)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob(".*.tmp*"), *(out / PARTS).glob(".*.tmp*")]:  # left by an interrupted run
+        stale.unlink()
 
     builder = ShardBuilder(cfg, encoder, table)
     done = {p["shard"]: s for p in plans if (s := builder.is_done(out, p)) is not None}
@@ -253,6 +257,7 @@ def run(cfg: PipelineConfig, log=print) -> dict[str, Any]:
             "samples": samples,
             "bad": n_bad,
             "blank_lines": sum(s["blank_lines"] for s in stats),
+            "duplicate_negatives_dropped": sum(s["duplicate_negatives_dropped"] for s in stats),
             "tokens": sum(v.get("sum", 0) for v in lengths.values()),
         },
         "per_source": dict(sorted(per_source.items())),

@@ -25,17 +25,27 @@ def main(argv=None) -> int:
     t0 = time.time()
     sizes = demo_corpus.generate(out / "corpus")
     print(f"[main] demo corpus: {json.dumps(sizes)} -> {out / 'corpus'}")
-    tok = TokenizationConfig(tokenizer=args.tokenizer, query_max_len=64, doc_max_len=64, prompt_max_len=1024,
-                             prompt_doc_max_len=48)
+    tok = TokenizationConfig(
+        tokenizer=args.tokenizer, query_max_len=64, doc_max_len=64, prompt_max_len=1024, prompt_doc_max_len=48
+    )
     for kind in ("contrastive", "listwise"):
-        cfg = PipelineConfig(kind=kind, inputs=[str(out / "corpus" / f"{kind}.jsonl")], output=str(out / f"shards-{kind}"),
-                             samples_per_shard=100, tokenization=tok, num_workers=args.workers)
+        cfg = PipelineConfig(
+            kind=kind,
+            inputs=[str(out / "corpus" / f"{kind}.jsonl")],
+            output=str(out / f"shards-{kind}"),
+            samples_per_shard=100,
+            tokenization=tok,
+            num_workers=args.workers,
+        )
         run_pipeline(cfg)
-        loader = ShardLoader(cfg.output, LoaderConfig(batch_size=8, negatives_per_query=3, num_workers=1),
-                             rank=0, world_size=1)
+        loader = ShardLoader(
+            cfg.output, LoaderConfig(batch_size=8, negatives_per_query=3, num_workers=1), rank=0, world_size=1
+        )
         n = sum(1 for _ in loader)
-        print(f"[main] loader over {kind} shards: {n} batches/epoch, padding efficiency "
-              f"{loader.padding_efficiency:.1%}, dropped {loader.dropped_per_epoch} samples/epoch")
+        print(
+            f"[main] loader over {kind} shards: {n} batches/epoch, padding efficiency "
+            f"{loader.padding_efficiency:.1%}, dropped {loader.dropped_per_epoch} samples/epoch"
+        )
     print(f"[main] done in {time.time() - t0:.0f}s; outputs under {out}")
     return 0
 

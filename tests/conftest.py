@@ -1,0 +1,124 @@
+"""Shared fixtures: real tokenizers, a real local Ray, a real Ray head on 127.0.0.1, real data when present.
+
+Everything here that listens runs inside the loopback-only namespace that scripts/test enters, binds 127.0.0.1,
+runs in its own process group and is killed by group id in a finally block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("E2RANK_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """rows: dicts (dumped), str (written raw), or bytes (written raw)."""
+    with open(path, "wb") as f:
+        for r in rows:
+            if isinstance(r, bytes):
+                f.write(r + b"\n")
+            elif isinstance(r, str):
+                f.write(r.encode() + b"\n")
+            else:
+                f.write(json.dumps(r).encode() + b"\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop a process group we started: SIGTERM, a grace period, then SIGKILL (never pkill/ray stop)."""
+    if proc.poll() is not None and proc.returncode is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def require_netns() -> None:
+    if os.environ.get("E2RANK_IN_NETNS") != "1":
+        pytest.skip("listens on sockets: run through scripts/test (loopback-only network namespace)")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"real data not found at {SHARED} (set E2RANK_SHARED_DATA)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_path(shared_data) -> str:
+    p = shared_data / "tokenizers" / "qwen3"
+    if not (p / "tokenizer.json").is_file():
+        pytest.skip(f"Qwen3 tokenizer not found at {p}")
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the session's in-process pipeline runs (job.run reuses an initialised Ray)."""
+    require_netns()
+    import ray
+
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real Ray head (`ray start --head --block`) on 127.0.0.1, in its own process group."""
+    require_netns()
+    port, dash = free_port(), free_port()
+    log = tmp_path_factory.mktemp("rayhead") / "head.log"
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(port),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--node-ip-address", "127.0.0.1",
+        "--num-cpus", "2", "--object-store-memory", "300000000", "--disable-usage-stats",
+    ]
+    with open(log, "wb") as lf:
+        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/version", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"Ray head did not come up: {log.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        kill_group(proc)

@@ -1,0 +1,58 @@
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from data_pipeline.config import PipelineConfig
+from data_pipeline.typed_config import ConfigError, load
+
+
+@dataclass
+class Inner:
+    n: int = 1
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    rate: float = 0.5
+    inner: Inner = field(default_factory=Inner)
+    items: list[str] = field(default_factory=list)
+
+
+def test_yaml_then_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("name: from-yaml\ninner:\n  n: 3\n")
+    c = load(Outer, y, ["inner.mode=b", "rate=2", "items=[p, q]"])
+    assert (c.name, c.rate, c.inner.n, c.inner.mode, c.items) == ("from-yaml", 2.0, 3, "b", ["p", "q"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("inner.nn=3", "inner: unknown key(s) ['nn']"),
+        ("inner.n=three", "inner.n: expected an integer"),
+        ("inner.mode=c", "inner.mode: 'c' is not one of ['a', 'b']"),
+        ("rate=true", "rate: expected a number"),
+        ("nokey", "not of the form key.path=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(Outer, None, [override])
+
+
+def test_pipeline_config_validation():
+    with pytest.raises(ValueError, match="samples_per_shard must be >= 1"):
+        load(PipelineConfig, None, ["samples_per_shard=0"])
+    with pytest.raises(ValueError, match="prompt_max_len must exceed"):
+        load(PipelineConfig, None, ["tokenization.prompt_max_len=64", "tokenization.query_max_len=64"])
+
+
+def test_config_hash_ignores_runtime_fields():
+    a = load(PipelineConfig, None, ["output=/x", "num_workers=1"])
+    b = load(PipelineConfig, None, ["output=/y", "num_workers=4"])
+    c = load(PipelineConfig, None, ["samples_per_shard=7"])
+    assert a.content_hash() == b.content_hash() != c.content_hash()
