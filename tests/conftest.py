@@ -95,6 +95,26 @@ def ray_local():
         ray.shutdown()
 
 
+def _wait_for_job_agent(url: str, deadline: float) -> None:
+    """The dashboard answers before the head's job agent does ("No available agent to submit job"): submit a
+    no-op job until one is accepted and finishes."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.time() > deadline:
+            raise RuntimeError("the Ray head's job agent did not run a no-op job in time")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A real Ray head (`ray start --head --block`) on 127.0.0.1, in its own process group."""
@@ -110,7 +130,7 @@ def ray_head(tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 90
+        deadline = time.time() + 120
         while True:
             try:
                 urllib.request.urlopen(url + "/api/version", timeout=2).read()
@@ -119,6 +139,7 @@ def ray_head(tmp_path_factory):
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"Ray head did not come up: {log.read_text()[-3000:]}") from None
                 time.sleep(0.5)
+        _wait_for_job_agent(url, deadline)
         yield url
     finally:
         kill_group(proc)

@@ -56,3 +56,12 @@ def test_config_hash_ignores_runtime_fields():
     b = load(PipelineConfig, None, ["output=/y", "num_workers=4"])
     c = load(PipelineConfig, None, ["samples_per_shard=7"])
     assert a.content_hash() == b.content_hash() != c.content_hash()
+
+
+def test_every_pipeline_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("pipeline-*.yaml"))
+    assert recipes
+    for r in recipes:
+        load(PipelineConfig, r)
