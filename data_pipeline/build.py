@@ -7,7 +7,6 @@ A shard is done when its stats file exists: the tar and quarantine part are rena
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -135,8 +134,7 @@ class ShardBuilder:
             else:
                 runs.append([meta["source"], 1])
         name = shard_name(shard)
-        nbytes = write_shard(out_dir / name, members)
-        sha = hashlib.sha256((out_dir / name).read_bytes()).hexdigest()
+        nbytes, sha = write_shard(out_dir / name, members)
         quarantine.sort(key=lambda q: (q["file"], q.get("line", q.get("row", 0))))
         atomic_write_bytes(
             quarantine_path(out_dir, shard), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine).encode()

@@ -125,6 +125,8 @@ def ray_head(tmp_path_factory):
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--node-ip-address", "127.0.0.1",
         "--num-cpus", "2", "--object-store-memory", "300000000", "--disable-usage-stats",
+        # own agent/client ports: the session's embedded Ray (ray_local) already holds the default 52365
+        "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
     ]
     with open(log, "wb") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)

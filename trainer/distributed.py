@@ -1,0 +1,62 @@
+"""Everything about process groups in one place: init, rank helpers, the autograd-aware gather."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init(timeout_s: int) -> str:
+    """Initialise through DeepSpeed (it reuses a group that Ray Train or torchrun already made). Returns the backend."""
+    import deepspeed
+
+    if os.environ.get("SKIP_DS_SHM_OP") == "1":  # the CPU shm op JIT-builds for ~60 s and only speeds up inference
+        from deepspeed import ops
+
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_backend()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0; gradients flow back to the rank that owns each slice
+    (all_gather's backward is a reduce-scatter sum). Shapes must match across ranks (the loader guarantees it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def mean_across(x: torch.Tensor) -> torch.Tensor:
+    """Global mean of a per-rank scalar, for logging (no gradient)."""
+    x = x.detach().float().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x

@@ -1,0 +1,47 @@
+"""One micro-batch -> embeddings -> loss terms, for both stages. Used by the loop and the gradient-equivalence test.
+
+Each rank encodes its local queries, documents (and, in stage 2, listwise prompts): the same three forwards on
+every rank, every step (ZeRO-3 hangs otherwise). Candidates are gathered across ranks with an autograd-aware
+all_gather, so each local query is scored against every candidate in the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import distributed as D
+from .config import LossConfig
+from .losses import info_nce, ranknet
+
+Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def compute(encode: Encode, batch: dict[str, Any], stage: int, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    q = encode(batch["query_input_ids"], batch["query_attention_mask"])
+    d = encode(batch["doc_input_ids"], batch["doc_attention_mask"])
+    rank, _ = D.world()
+    b, g = q.shape[0], batch["docs_per_query"]
+    local = torch.arange(b, device=q.device)
+    if stage == 1:
+        pos = (rank * b + local) * g  # positive first in each query's group
+        valid = None
+    else:
+        top1 = batch["ranking"][:, 0].to(q.device)  # InfoNCE positive in stage 2: the teacher's top-1
+        pos = (rank * b + local) * g + top1
+        valid = D.gather_no_grad(batch["cand_mask"].reshape(-1).to(q.device))
+    docs_all = D.gather_with_grad(d)
+    hashes = D.gather_no_grad(batch["doc_hash"].to(q.device)) if cfg.mask_false_negatives else None
+    nce = info_nce(q, docs_all, pos, temperature=cfg.temperature, valid=valid, doc_hash=hashes, margin=cfg.margin_mask)
+    out = {"infonce": nce.loss, "accuracy": nce.accuracy, "masked_negatives": nce.masked.float()}
+    if stage == 2:
+        p = encode(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        rk = ranknet(p, d.view(b, g, -1), batch["ranking"].to(q.device), batch["cand_mask"].to(q.device),
+                     scale=cfg.ranknet_scale, pair_weighting=cfg.ranknet_pair_weighting)
+        out["ranknet"] = rk
+        out["loss"] = nce.loss + cfg.ranknet_weight * rk
+    else:
+        out["loss"] = nce.loss
+    return out
