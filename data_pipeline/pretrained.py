@@ -52,8 +52,6 @@ def resolve(spec: str, *, weights: bool = False) -> Path:
 
 def _materialise_gguf(name: str, pkg: Path, gguf: str, weights: bool) -> Path:
     """Dequantise a GGUF once into a plain folder (write to a temp name, then rename)."""
-    from transformers import AutoTokenizer
-
     target = cache_dir() / "models" / (name if weights else f"{name}-tokenizer")
     if (target / "tokenizer_config.json").exists():
         return target
@@ -63,16 +61,35 @@ def _materialise_gguf(name: str, pkg: Path, gguf: str, weights: bool) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf).save_pretrained(tmp)
-    if weights:
-        from transformers import AutoModelForCausalLM
-
-        AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf).save_pretrained(tmp)
+    try:
+        _write_folder(tmp, pkg, gguf, weights)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(target)
     except OSError:  # another process won the race; its folder is complete
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_folder(tmp: Path, pkg: Path, gguf: str, weights: bool) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf).save_pretrained(tmp)
+    if weights:
+        from transformers import AutoModelForCausalLM
+
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it: copy the dequantised fp32
+        # weights into a plain model built from the same config, and save that.
+        q = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf)
+        config = q.config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(q.state_dict())
+        plain.save_pretrained(tmp)
 
 
 def load_tokenizer(spec: str):

@@ -227,3 +227,22 @@ def test_nan_losses_are_skipped_then_stop_the_run(setup, tmp_path):
                  timeout=180)
     assert r.returncode != 0
     assert "2 consecutive micro-batches had NaN/Inf losses" in r.stderr + r.stdout
+
+
+def test_periodic_dev_evaluation_is_logged(setup, tmp_path):
+    require_netns()
+    ev = setup["dir"] / "corpus" / "eval"
+    qrels = [line.split("\t") for line in (ev / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    docs = [json.loads(line)["_id"] for line in (ev / "corpus.jsonl").read_text().splitlines()]
+    with open(tmp_path / "run.trec", "w") as f:
+        for q in sorted({r[0] for r in qrels})[:8]:
+            cands = sorted({r[1] for r in qrels if r[0] == q} | set(docs[:15]))
+            for rank, d in enumerate(cands, 1):
+                f.write(f"{q} Q0 {d} {rank} {100 - rank} first\n")
+    out = tmp_path / "run"
+    r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=2", "run.export=false", f"eval.data={ev}",
+                           f"eval.run={tmp_path / 'run.trec'}", "eval.every=1", "eval.source=demo"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = losses(out)
+    assert all(0 <= m[s]["dev_listwise_ndcg_at_10"] <= 1 and "dev_retrieval_mrr_at_10" in m[s] for s in (1, 2))
+    assert "[eval] dev_retrieval_ndcg_at_10=" in r.stdout

@@ -65,3 +65,27 @@ def test_every_pipeline_recipe_loads():
     assert recipes
     for r in recipes:
         load(PipelineConfig, r)
+
+
+def test_every_training_recipe_loads():
+    from pathlib import Path
+
+    from trainer.config import TrainConfig
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("stage*.yaml"))
+    assert len(recipes) == 4
+    for r in recipes:
+        c = load(TrainConfig, r, ["shards=/s", "model.path=/m", "run.output_dir=/o"])
+        assert c.stage in (1, 2)
+
+
+def test_train_config_rejects_impossible_values():
+    from trainer.config import TrainConfig
+
+    base = ["shards=/s", "model.path=/m", "run.output_dir=/o"]
+    with pytest.raises(ValueError, match="warmup_steps \\(50\\) exceeds run.max_steps \\(10\\)"):
+        load(TrainConfig, None, base + ["optim.warmup_steps=50", "run.max_steps=10"])
+    with pytest.raises(ValueError, match="shards: set it"):
+        load(TrainConfig, None, ["model.path=/m", "run.output_dir=/o"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage: 4 is not one of"):
+        load(TrainConfig, None, base + ["deepspeed.zero_stage=4"])

@@ -67,6 +67,20 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation on a dev set during training (every rank runs it in step; rank 0 logs)."""
+
+    data: str = ""  # a BEIR folder, or a RankGPT-style data.json
+    run: str = ""  # the first-stage TREC run (BEIR)
+    qrels: str = ""  # qrels for data.json
+    split: str = "test"
+    source: str = ""  # instruction table entry; default: the dataset's name
+    every: int = 0  # steps; 0 = off
+    max_queries: int = 50
+    prompt_k: int = 20
+
+
+@dataclass
 class TrainConfig:
     stage: Literal[1, 2] = 1
     shards: str = ""  # the pipeline's output folder (manifest.json)
@@ -77,6 +91,7 @@ class TrainConfig:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         if not self.shards:
@@ -97,5 +112,7 @@ class TrainConfig:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds run.max_steps ({self.run.max_steps})")
         if self.stage == 1 and self.loader.negatives_per_query < 0:
             raise ValueError("loader.negatives_per_query must be >= 0")
+        if self.eval.every and not self.eval.data:
+            raise ValueError("eval.every is set but eval.data is empty: give a dev set (BEIR folder or data.json)")
         if self.run.max_bad_steps < 1:
             raise ValueError("run.max_bad_steps must be >= 1")

