@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--doc-len", type=int, default=128)
     ap.add_argument("--eval-queries", type=int, default=0, help="0 = all 300 SciFact test queries")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)  # encoding here is one process: use every core (training ranks use 1)
     t0 = time.time()
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

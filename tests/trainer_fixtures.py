@@ -46,7 +46,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | No
 def train_cmd(shards: Path, model: Path, out: Path, *overrides: str, stage: int = 1) -> list[str]:
     return ["-m", "trainer", f"stage={stage}", f"shards={shards}", f"model.path={model}", f"run.output_dir={out}",
             "loader.batch_size=3", "loader.negatives_per_query=2", "optim.lr=0.001", "optim.warmup_steps=2",
-            "run.max_steps=6", "run.save_every=3", *overrides]
+            "run.max_steps=6", "run.save_every=3", "model.dtype=fp32", *overrides]
 
 
 def losses(out: Path) -> dict[int, dict]:

@@ -29,6 +29,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="model")
     args = ap.parse_args(argv)
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)  # one process: every core (OMP_NUM_THREADS=1 is for training ranks)
     try:
         data = Path(args.data)
         if data.suffix == ".json":

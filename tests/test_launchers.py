@@ -1,0 +1,144 @@
+"""The literal user commands: `ray job submit ... launch/stage1.py` (Ray Train + DeepSpeed) against a Ray head on
+127.0.0.1, a Ray Train worker killed mid-run, and `deepspeed launch/stage2.py` on 2 local processes and on a
+2-node hostfile on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import demo_corpus
+from tests.conftest import ROOT, free_port, kill_group, require_netns
+from tests.trainer_fixtures import losses, make_tiny_model, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("launch")
+    demo_corpus.generate(d / "corpus", species=30)
+    return {"dir": d, "model": make_tiny_model(d / "tiny")}
+
+
+def stage1_args(world, out: Path, *extra: str) -> list[str]:
+    d = world["dir"]
+    return [f"pipeline.inputs=[{d / 'corpus' / 'contrastive.jsonl'}]", "pipeline.samples_per_shard=40",
+            "pipeline.tokenization.query_max_len=32", "pipeline.tokenization.doc_max_len=32",
+            "pipeline.progress=false", f"train.shards={out / 'shards'}", f"train.model.path={world['model']}",
+            "train.model.dtype=fp32", "train.loader.batch_size=3", "train.loader.negatives_per_query=2",
+            "train.optim.lr=0.001", f"train.run.output_dir={out / 'train'}", "train.run.max_steps=6",
+            "train.run.save_every=2", *extra]
+
+
+def submit(head: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    ray = str(Path(sys.executable).with_name("ray"))
+    return subprocess.run([ray, "job", "submit", "--address", head, "--working-dir", ".", "--", "python",
+                           "launch/stage1.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ray_job_submit_stage1(ray_head, world, tmp_path):
+    r = submit(ray_head, stage1_args(world, tmp_path))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "[stage1] finished" in r.stdout and "succeeded" in r.stdout
+    m = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert m["tokenizer"]["name"] == str(world["model"])  # pre-tokenized with the model's own tokenizer
+    assert sorted(losses(tmp_path / "train")) == list(range(1, 7))
+    assert (tmp_path / "train" / "export" / "e2rank.json").is_file()
+    # second submission: shards are current (not rebuilt), training is complete (resumes at step 6, does nothing)
+    mtime = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
+    r2 = submit(ray_head, stage1_args(world, tmp_path))
+    assert r2.returncode == 0 and (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == mtime
+    assert "is complete for this config and input" in r2.stdout
+
+
+def test_ray_train_worker_killed_mid_run_still_completes(ray_head, world, tmp_path):
+    import psutil
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    args = stage1_args(world, tmp_path, "train.run.max_steps=30", "train.run.save_every=3")
+    proc = subprocess.Popen([ray, "job", "submit", "--address", ray_head, "--working-dir", ".", "--", "python",
+                             "launch/stage1.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        ckpt = tmp_path / "train" / "checkpoints" / "latest"
+        wait_for(lambda: ckpt.is_file() or proc.poll() is not None, 300, "no checkpoint before the kill")
+        victims = [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))]
+        assert victims, "no Ray Train worker process found"
+        killed_after = ckpt.read_text()
+        os.kill(victims[-1].pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert proc.returncode == 0, out[-4000:]
+    got = losses(tmp_path / "train")
+    assert sorted(got) == list(range(1, 31))  # the right step count, nothing repeated or lost
+    assert int(killed_after.replace("step", "")) < 30
+    assert (tmp_path / "train" / "export" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def listwise(ray_local, world):
+    from data_pipeline.config import PipelineConfig
+    from data_pipeline.job import run
+    from data_pipeline.text import TokenizationConfig
+
+    out = world["dir"] / "listwise"
+    run(PipelineConfig(kind="listwise", inputs=[str(world["dir"] / "corpus" / "listwise.jsonl")], output=str(out),
+                       samples_per_shard=40, progress=False,
+                       tokenization=TokenizationConfig(tokenizer=str(world["model"]), query_max_len=32, doc_max_len=32,
+                                                       prompt_max_len=384, prompt_doc_max_len=24)), log=lambda *_: None)
+    return out
+
+
+def stage2_args(world, shards: Path, out: Path) -> list[str]:
+    return [f"shards={shards}", f"model.path={world['model']}", f"run.output_dir={out}", "model.dtype=fp32",
+            "loader.batch_size=2", "run.max_steps=3", "run.save_every=3", "optim.lr=0.001"]
+
+
+def test_deepspeed_launcher_stage2_two_local_processes(listwise, world, tmp_path):
+    require_netns()
+    ds = str(Path(sys.executable).with_name("deepspeed"))
+    proc = subprocess.Popen([ds, "--num_gpus", "2", "--master_port", str(free_port()), "launch/stage2.py",
+                             *stage2_args(world, listwise, tmp_path / "s2")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        kill_group(proc, grace=1)
+    assert proc.returncode == 0, out[-4000:]
+    assert "world_size=2" in out and "stage=2" in out
+    assert sorted(losses(tmp_path / "s2")) == [1, 2, 3] and (tmp_path / "s2" / "export" / "config.json").is_file()
+
+
+def test_deepspeed_launcher_two_nodes_hostfile(listwise, world, tmp_path):
+    """Two "nodes" on 127.0.0.1 (cpu-stack.md 4): one launcher per node, --no_ssh, a shared hostfile."""
+    require_netns()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    ds = str(Path(sys.executable).with_name("deepspeed"))
+    port = free_port()
+    procs = []
+    try:
+        for node in (0, 1):
+            procs.append(subprocess.Popen(
+                [ds, "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "1", "--no_ssh", "--node_rank",
+                 str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/stage2.py",
+                 *stage2_args(world, listwise, tmp_path / "s2")], cwd=ROOT, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p, grace=1)
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "world_size=2" in outs[0]
+    assert sorted(losses(tmp_path / "s2")) == [1, 2, 3]
+    time.sleep(0)
