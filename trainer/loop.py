@@ -72,10 +72,15 @@ def preflight(cfg: TrainConfig, world_size: int) -> Plan:
     return Plan(model_path, manifest, fp)
 
 
-def ds_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
+def ds_config(cfg: TrainConfig, bf16: bool, hidden: int) -> dict[str, Any]:
     z: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage >= 2:
+        # Buckets sized to the model (as HF's "auto"): DeepSpeed's 5e8-element defaults allocate GBs per rank,
+        # which a 22M-parameter model on a 2-core CPU box pays for in RSS (and was OOM-killed for).
+        z["reduce_bucket_size"] = hidden * hidden
     if cfg.deepspeed.zero_stage == 3:
         z["stage3_param_persistence_threshold"] = cfg.deepspeed.stage3_param_persistence_threshold
+        z["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
     if cfg.deepspeed.offload_optimizer:
         z["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -152,7 +157,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     n_flop_params = n_params - backbone.get_input_embeddings().weight.numel()
     model = Encoder(backbone, cfg.model.pooling)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                           config=ds_config(cfg, prec.name == "bf16"))
+                                           config=ds_config(cfg, prec.name == "bf16", backbone.config.hidden_size))
     step, run_id = 0, None
     tag = C.latest(ckpt_dir)
     if tag:
