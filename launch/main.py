@@ -185,7 +185,7 @@ def _evaluate(out: Path, model: str) -> str:
     rows = ["| model | retrieval NDCG@10 | listwise NDCG@10 |", "|---|---|---|"]
     res = {}
     for name, m in models.items():
-        r = evaluate(m, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, prompt_k=20,
+        r = evaluate(m, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, prompt_k=10,
                      out_dir=out / "eval", tag=name.replace(" ", ""), progress=False)
         res[name] = r
         rows.append(f"| {name} | {r['retrieval']['NDCG@10']:.4f} | {r['listwise']['NDCG@10']:.4f} |")
