@@ -145,12 +145,12 @@ def test_deepspeed_launcher_two_nodes_hostfile(listwise, world, tmp_path):
 
 
 def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
-    """The README's main job end to end with a tiny model and 2 steps per stage; then again on the same folder."""
+    """The README's main job end to end with a tiny model and 3 steps per stage; then again on the same folder."""
     require_netns()
     import psutil
 
     cmd = [sys.executable, "-m", "launch.main", "--out", str(tmp_path / "demo"), "--model", str(world["model"]),
-           "--stage1-steps", "2", "--stage2-steps", "2"]
+           "--stage1-steps", "3", "--stage2-steps", "3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -169,4 +169,4 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
     assert again.returncode == 0, again.stdout[-3000:]
     main_log = (tmp_path / "demo" / "main.log").read_text()
     assert main_log.count("is complete for this config and input") >= 2  # both corpora found complete
-    assert "resumed_from=step00000002" in main_log
+    assert "resumed_from=step00000003" in main_log
