@@ -164,9 +164,12 @@ def _ray_init(cfg: PipelineConfig):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        import tempfile
+
         ray.init(
             address="local",  # a fresh embedded instance, even if a cluster runs on this machine
             _node_ip_address="127.0.0.1",
+            _temp_dir=tempfile.mkdtemp(prefix="e2r-", dir="/tmp"),  # own session folder: nothing shared via /tmp/ray
             num_cpus=max(cfg.num_workers, os.cpu_count() or 1),
             include_dashboard=False,
             object_store_memory=300 * 1024 * 1024,

@@ -45,11 +45,17 @@ class RayHead:
     """`ray start --head --block` on 127.0.0.1 in its own process group; never `ray stop` (it kills other users' Ray)."""
 
     def __init__(self, log: Path):
+        import tempfile
+
+        # A session folder of its own: Ray's shared /tmp/ray/ray_current_cluster would otherwise hand this head's jobs
+        # the address of whichever Ray instance on the machine wrote it last (seen: a job hung on a dead head).
+        self.temp = tempfile.mkdtemp(prefix="e2r-", dir="/tmp")
         self.dash = _port()
         cmd = [_bin("ray"), "start", "--head", "--block", "--port", str(_port()), "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash), "--num-cpus", "2",
                "--object-store-memory", "300000000", "--disable-usage-stats",
-               "--dashboard-agent-listen-port", str(_port()), "--ray-client-server-port", str(_port())]
+               "--dashboard-agent-listen-port", str(_port()), "--ray-client-server-port", str(_port()),
+               "--temp-dir", self.temp]
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.dash}"
@@ -79,6 +85,7 @@ class RayHead:
             except ProcessLookupError:
                 break
         self.log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def _run(cmd: list[str], log: Path, what: str, retries: int = 0) -> None:
@@ -116,10 +123,14 @@ def _bm25_run(ev: Path, k: int) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--model", default="pypi:smollm2-135m")
+    ap.add_argument("--model", default="pypi:all-minilm-l6-v2",
+                    help="a folder or pypi:all-minilm-l6-v2 / pypi:smollm2-135m (decoder: use --pooling last)")
+    ap.add_argument("--pooling", default="mean")
+    ap.add_argument("--prompt-len", type=int, default=512, help="listwise prompt tokens (MiniLM has 512 positions)")
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--stage2-steps", type=int, default=20)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `finally` below stops the Ray head
     t0 = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +141,8 @@ def main(argv=None) -> int:
     from data_pipeline.pretrained import resolve
 
     resolve(args.model, weights=True)  # materialise the packaged model once, before the workers race for it
-    tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64", "tokenization.prompt_max_len=1024",
-           "tokenization.prompt_doc_max_len=48"]
+    tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64",
+           f"tokenization.prompt_max_len={args.prompt_len}", "tokenization.prompt_doc_max_len=40"]
     head = RayHead(out / "ray-head.log")
     try:
         head.wait()
@@ -145,6 +156,7 @@ def main(argv=None) -> int:
         _run(submit + ["python", "launch/stage1.py", "--config", "recipes/launch-stage1-demo.yaml",
                        f"pipeline.inputs=[{out / 'corpus' / 'contrastive.jsonl'}]", f"train.shards={out / 'shards-contrastive'}",
                        f"train.model.path={resolve(args.model, weights=True)}", f"train.run.output_dir={out / 'stage1'}",
+                       f"train.model.pooling={args.pooling}", *[f"pipeline.{t}" for t in tok],
                        f"train.run.max_steps={args.stage1_steps}"],
              log, "stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-3)")
         t2 = time.time()
@@ -152,12 +164,12 @@ def main(argv=None) -> int:
         head.stop()
     _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "launch/stage2.py",
           "--config", "recipes/stage2-cpu-demo.yaml", f"shards={out / 'shards-listwise'}",
-          f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}",
+          f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}", f"model.pooling={args.pooling}",
           f"run.max_steps={args.stage2_steps}"], log, "stage 2: deepspeed launcher (2 processes, ZeRO-3)")
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         f.unlink(missing_ok=True)
     t3 = time.time()
-    table = _evaluate(out, args.model)
+    table = _evaluate(out, args.model, args.pooling, args.prompt_len)
     t4 = time.time()
     print(table)
     print(f"[main] times: pre-tokenization {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, "
@@ -167,7 +179,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _evaluate(out: Path, model: str) -> str:
+def _evaluate(out: Path, model: str, pooling: str, prompt_len: int) -> str:
     import torch
 
     from data_pipeline.instructions import InstructionTable
@@ -179,8 +191,9 @@ def _evaluate(out: Path, model: str) -> str:
     ev = out / "corpus" / "eval"
     es = load_beir(ev, "test", _bm25_run(ev, 30), top_k=30)
     ins = InstructionTable.load().lookup("demo", False)
-    tok = TokenizationConfig(tokenizer=model, query_max_len=64, doc_max_len=64, prompt_max_len=1024, prompt_doc_max_len=48)
-    models = {"base": Reranker.from_base(model, tokenization=tok), "stage 1": Reranker.from_pretrained(out / "stage1" / "export"),
+    tok = TokenizationConfig(tokenizer=model, query_max_len=64, doc_max_len=64, prompt_max_len=prompt_len,
+                             prompt_doc_max_len=40)
+    models = {"base": Reranker.from_base(model, pooling=pooling, tokenization=tok), "stage 1": Reranker.from_pretrained(out / "stage1" / "export"),
               "stage 2": Reranker.from_pretrained(out / "stage2" / "export")}
     rows = ["| model | retrieval NDCG@10 | listwise NDCG@10 |", "|---|---|---|"]
     res = {}

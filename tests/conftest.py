@@ -103,14 +103,23 @@ def qwen3_tokenizer_path(shared_data) -> str:
 def ray_local():
     """One embedded Ray for the session's in-process pipeline runs (job.run reuses an initialised Ray)."""
     require_netns()
+    import tempfile
+
     import ray
 
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False,
+    ray.init(address="local", _node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="e2r-", dir="/tmp"),
+             num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False,
              configure_logging=False)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _short_tmp() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="e2r-", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
 
 
 def _wait_for_job_agent(url: str, deadline: float) -> None:
@@ -145,12 +154,14 @@ def ray_head(tmp_path_factory):
         "--num-cpus", "2", "--object-store-memory", "300000000", "--disable-usage-stats",
         # own agent/client ports: the session's embedded Ray (ray_local) already holds the default 52365
         "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+        # a session folder of its own (the shared /tmp/ray/ray_current_cluster hands jobs a stale address otherwise)
+        "--temp-dir", _short_tmp(),
     ]
     with open(log, "wb") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
+        deadline = time.time() + 240  # generous: a loaded 2-core box starts the job agent slowly
         while True:
             try:
                 urllib.request.urlopen(url + "/api/version", timeout=2).read()
