@@ -155,6 +155,15 @@ class _RayShardActor:
         return {"stats": out}
 
 
+def ray_temp_dir() -> str:
+    """A session folder of our own for each Ray instance we start: Ray's shared /tmp/ray/ray_current_cluster would
+    otherwise hand jobs the address of whichever instance on the machine wrote it last. Short, because Ray's unix
+    socket paths under it must stay below 108 bytes."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="e2r-", dir="/tmp")
+
+
 def _ray_init(cfg: PipelineConfig):
     import ray
 
@@ -164,12 +173,10 @@ def _ray_init(cfg: PipelineConfig):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        import tempfile
-
         ray.init(
             address="local",  # a fresh embedded instance, even if a cluster runs on this machine
             _node_ip_address="127.0.0.1",
-            _temp_dir=tempfile.mkdtemp(prefix="e2r-", dir="/tmp"),  # own session folder: nothing shared via /tmp/ray
+            _temp_dir=ray_temp_dir(),
             num_cpus=max(cfg.num_workers, os.cpu_count() or 1),
             include_dashboard=False,
             object_store_memory=300 * 1024 * 1024,

@@ -45,11 +45,9 @@ class RayHead:
     """`ray start --head --block` on 127.0.0.1 in its own process group; never `ray stop` (it kills other users' Ray)."""
 
     def __init__(self, log: Path):
-        import tempfile
+        from data_pipeline.job import ray_temp_dir
 
-        # A session folder of its own: Ray's shared /tmp/ray/ray_current_cluster would otherwise hand this head's jobs
-        # the address of whichever Ray instance on the machine wrote it last (seen: a job hung on a dead head).
-        self.temp = tempfile.mkdtemp(prefix="e2r-", dir="/tmp")
+        self.temp = ray_temp_dir()  # (seen without it: a job handed a dead head's address, hung)
         self.dash = _port()
         cmd = [_bin("ray"), "start", "--head", "--block", "--port", str(_port()), "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash), "--num-cpus", "2",

@@ -116,12 +116,6 @@ def ray_local():
         ray.shutdown()
 
 
-def _short_tmp() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="e2r-", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
-
-
 def _wait_for_job_agent(url: str, deadline: float) -> None:
     """The dashboard answers before the head's job agent does ("No available agent to submit job"): submit a
     no-op job until one is accepted and finishes."""
@@ -146,6 +140,8 @@ def _wait_for_job_agent(url: str, deadline: float) -> None:
 def ray_head(tmp_path_factory):
     """A real Ray head (`ray start --head --block`) on 127.0.0.1, in its own process group."""
     require_netns()
+    from data_pipeline.job import ray_temp_dir
+
     port, dash = free_port(), free_port()
     log = tmp_path_factory.mktemp("rayhead") / "head.log"
     cmd = [
@@ -154,8 +150,7 @@ def ray_head(tmp_path_factory):
         "--num-cpus", "2", "--object-store-memory", "300000000", "--disable-usage-stats",
         # own agent/client ports: the session's embedded Ray (ray_local) already holds the default 52365
         "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-        # a session folder of its own (the shared /tmp/ray/ray_current_cluster hands jobs a stale address otherwise)
-        "--temp-dir", _short_tmp(),
+        "--temp-dir", ray_temp_dir(),
     ]
     with open(log, "wb") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)

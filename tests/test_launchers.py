@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -141,7 +140,6 @@ def test_deepspeed_launcher_two_nodes_hostfile(listwise, world, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     assert "world_size=2" in outs[0]
     assert sorted(losses(tmp_path / "s2")) == [1, 2, 3]
-    time.sleep(0)
 
 
 def test_main_job_at_reduced_size_and_rerun(world, tmp_path):

@@ -255,21 +255,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return result
 
 
+_DEV: dict[str, Any] = {}  # the dev set, instructions and text encoder: loaded once per run, not per evaluation
+
+
+def _dev_setup(cfg: TrainConfig, plan: Plan):
+    if not _DEV:
+        from data_pipeline.instructions import InstructionTable
+
+        from .evaluation import load_beir, load_rankgpt
+
+        e = cfg.eval
+        es = load_rankgpt(e.data, e.qrels or None) if e.data.endswith(".json") else load_beir(e.data, e.split, e.run or None)
+        keep = sorted(es.run)[: e.max_queries]
+        es.run = {q: es.run[q] for q in keep}
+        tok_cfg = from_dict(TokenizationConfig, {**plan.manifest["config"]["tokenization"], "tokenizer": plan.model_path})
+        _DEV.update(es=es, ins=InstructionTable.load().lookup(e.source or es.name, allow_unknown=True),
+                    text=TextEncoder(load_tokenizer(plan.model_path), tok_cfg))
+    return _DEV["es"], _DEV["ins"], _DEV["text"]
+
+
 def _dev_eval(engine, cfg: TrainConfig, plan: Plan) -> dict[str, float]:
     """NDCG@10 / MRR@10 / Recall@100 of both scoring modes on the dev set, with the live (partitioned) engine."""
-    from data_pipeline.instructions import InstructionTable
-
-    from .evaluation import evaluate, load_beir, load_rankgpt
+    from .evaluation import evaluate
     from .reranker import Reranker
 
     e = cfg.eval
-    es = load_rankgpt(e.data, e.qrels or None) if e.data.endswith(".json") else load_beir(e.data, e.split, e.run or None)
-    keep = sorted(es.run)[: e.max_queries]
-    es.run = {q: es.run[q] for q in keep}
-    tok_cfg = from_dict(TokenizationConfig, {**plan.manifest["config"]["tokenization"], "tokenizer": plan.model_path})
-    ins = InstructionTable.load().lookup(e.source or es.name, allow_unknown=True)
-    rer = Reranker(None, TextEncoder(load_tokenizer(plan.model_path), tok_cfg), cfg.model.pooling,
-                   device=str(engine.device), encode=lambda ids, mask: engine(ids, mask))
+    es, ins, text = _dev_setup(cfg, plan)
+    rer = Reranker(None, text, cfg.model.pooling, device=str(engine.device), encode=lambda ids, mask: engine(ids, mask))
     engine.eval()
     with torch.no_grad():
         res = evaluate(rer, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, prompt_k=e.prompt_k,
