@@ -20,12 +20,13 @@ def global_batch(stage: int, b: int = 4, g: int = 3, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
 
     def seqs(n):
-        lens = torch.randint(3, 9, (n,), generator=gen)
-        ids = torch.zeros(n, 9, dtype=torch.long)
-        mask = torch.zeros(n, 9, dtype=torch.long)
+        lens = torch.randint(3, 21, (n,), generator=gen)  # 3..20 tokens: chunks of 1 or 2 at 16 tokens a chunk
+        w = 20
+        ids = torch.zeros(n, w, dtype=torch.long)
+        mask = torch.zeros(n, w, dtype=torch.long)
         for i, n_tok in enumerate(lens.tolist()):
-            ids[i, 9 - n_tok:] = torch.randint(10, 49000, (n_tok,), generator=gen)
-            mask[i, 9 - n_tok:] = 1
+            ids[i, w - n_tok:] = torch.randint(10, 49000, (n_tok,), generator=gen)
+            mask[i, w - n_tok:] = 1
         return ids, mask
 
     batch = {"docs_per_query": g}
@@ -45,14 +46,17 @@ def global_batch(stage: int, b: int = 4, g: int = 3, seed: int = 0) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("stage, zero", [(1, 3), (2, 3), (1, 2)])
-def test_sharded_gradients_equal_single_process(tmp_path, stage, zero):
+@pytest.mark.parametrize("stage, zero, mode", [(1, 3, "padded"), (2, 3, "padded"), (1, 2, "padded"),
+                                               (1, 3, "chunked"), (2, 3, "chunked"), (1, 3, "cached"), (2, 3, "cached")])
+def test_sharded_gradients_equal_single_process(tmp_path, stage, zero, mode):
+    """padded: one forward per field; chunked: length-grouped chunks (chunk counts agreed across ranks);
+    cached: GradCache (graph-free embeddings, loss, then chunk-by-chunk re-encoding with cached gradients)."""
     require_netns()
     model = make_tiny_model(tmp_path / "tiny")
     batch = global_batch(stage)
     torch.save(batch, tmp_path / "batch.pt")
     r = torchrun(["tests/scripts/grad_equiv.py", str(model), str(tmp_path / "batch.pt"), str(stage),
-                  str(zero), str(tmp_path / "grads.pt")])
+                  str(zero), str(tmp_path / "grads.pt"), mode])
     assert r.returncode == 0, r.stderr[-4000:]
     sharded = torch.load(tmp_path / "grads.pt")
 
@@ -60,11 +64,9 @@ def test_sharded_gradients_equal_single_process(tmp_path, stage, zero):
     terms = compute(enc, batch, stage, LossConfig())  # one process, the whole batch, no gathering
     terms["loss"].backward()
     assert sharded["loss"].item() == pytest.approx(terms["loss"].item(), rel=1e-5)
-    worst = 0.0
     for name, p in enc.named_parameters():
         ref, got = p.grad, sharded["grads"][name]
         assert got.shape == ref.shape, name
         rel = (got - ref).abs().max().item() / (ref.abs().max().item() + 1e-12)  # fp32 round-off is ~1e-7
-        worst = max(worst, rel)
         assert rel < 1e-5, f"{name}: max diff {rel:.2e} of the largest gradient"
-    assert worst > 0 or stage  # (sanity: the comparison ran)
+    assert any(p.grad.abs().max() > 0 for p in enc.parameters())  # the reference has gradients to compare

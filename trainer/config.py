@@ -18,6 +18,15 @@ class ModelConfig:
 
 
 @dataclass
+class EncodeConfig:
+    """How a micro-batch reaches the backbone (trainer/chunking.py, trainer/grad_cache.py)."""
+
+    chunk_tokens: int = 8192  # max padded tokens per forward (length-grouped chunks); 0 = one padded batch per field
+    grad_cache: bool = False  # GradCache: loss on graph-free embeddings, then re-encode chunk by chunk (memory ~ 1 chunk)
+    max_memory_gb: float = 0.0  # refuse to start if the per-rank estimate exceeds this; 0 = the free memory now
+
+
+@dataclass
 class LossConfig:
     temperature: float = 0.03
     ranknet_weight: float = 2.0  # stage 2: total = InfoNCE + ranknet_weight * RankNet
@@ -86,6 +95,7 @@ class TrainConfig:
     shards: str = ""  # the pipeline's output folder (manifest.json)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
@@ -114,5 +124,9 @@ class TrainConfig:
             raise ValueError("loader.negatives_per_query must be >= 0")
         if self.eval.every and not self.eval.data:
             raise ValueError("eval.every is set but eval.data is empty: give a dev set (BEIR folder or data.json)")
+        if self.encode.chunk_tokens < 0:
+            raise ValueError("encode.chunk_tokens must be >= 0 (0 = one padded forward per field)")
+        if self.encode.grad_cache and not self.encode.chunk_tokens:
+            raise ValueError("encode.grad_cache needs encode.chunk_tokens > 0 (the chunk held with a graph)")
         if self.run.max_bad_steps < 1:
             raise ValueError("run.max_bad_steps must be >= 1")

@@ -15,6 +15,16 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def env_world_size() -> int:
+    """World size the launcher announced (before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_world_size() -> int:
+    """Ranks on this machine (they share its memory)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world()[1]))
+
+
 def is_main() -> bool:
     return world()[0] == 0
 
@@ -58,6 +68,19 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+def max_across(n: int) -> int:
+    """The largest value of a per-rank integer (e.g. a chunk count every rank must then use)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def mean_across(x: torch.Tensor) -> torch.Tensor:

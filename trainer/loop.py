@@ -1,10 +1,12 @@
 """The training loop: one readable step (batch -> embeddings -> losses -> backward -> step -> log) on a DeepSpeed
-engine. Everything distributed, I/O or MLflow is one call away (distributed.py, checkpoint.py, tracking.py)."""
+engine. Everything distributed, I/O or MLflow is one call away (distributed.py, checkpoint.py, tracking.py);
+chunked encoding is trainer/chunking.py, GradCache trainer/grad_cache.py."""
 
 from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +24,10 @@ from data_pipeline.typed_config import from_dict, save, to_dict
 
 from . import checkpoint as C
 from . import distributed as D
+from .chunking import ChunkStats
 from .config import TrainConfig
+from .grad_cache import CachedStep
+from .memory import GB, Estimate, advice, available_bytes, estimate
 from .model import Encoder, load_backbone, resolve_precision
 from .objective import compute
 from .tracking import Tracker
@@ -130,129 +135,225 @@ def _peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    import deepspeed
+class Trainer:
+    """torchtitan-style: `__init__` sets up (process group, loader, engine, resume, tracker), `train_step` is one
+    optimizer step, `metrics` turns a step into a log line, `evaluate` runs the dev set, `train` is the loop."""
 
-    world_env = int(__import__("os").environ.get("WORLD_SIZE", 1))
-    plan = preflight(cfg, world_env)
-    backend = D.init(cfg.deepspeed.timeout_s)
-    rank, world = D.world()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout,
-                        force=True)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    prec = resolve_precision(cfg.model, cuda)
-    torch.manual_seed(cfg.run.seed)
-    out = Path(cfg.run.output_dir)
-    ckpt_dir = out / "checkpoints"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save(cfg, out / "config.yaml")
-    kind = "contrastive" if cfg.stage == 1 else "listwise"
-    loader = ShardLoader(cfg.shards, cfg.loader, kind=kind, tokenizer_fingerprint=plan.fingerprint)
+    def __init__(self, cfg: TrainConfig):
+        import deepspeed
 
-    backbone, attn = load_backbone(plan.model_path, cfg.model, prec.dtype, cuda)
-    n_params = sum(p.numel() for p in backbone.parameters())
-    # FLOPs count matmul weights only: the input embedding is a lookup (nanoGPT excludes it likewise)
-    n_flop_params = n_params - backbone.get_input_embeddings().weight.numel()
-    model = Encoder(backbone, cfg.model.pooling)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                           config=ds_config(cfg, prec.name == "bf16", backbone.config.hidden_size))
-    step, run_id = 0, None
-    tag = C.latest(ckpt_dir)
-    if tag:
-        state = C.load(engine, ckpt_dir, tag)
-        loader.load_state_dict(state["loader"])
-        step, run_id = state["step"], state.get("mlflow_run_id")
-    tracker = Tracker(out, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, run_id, rank == 0)
+        self.cfg = cfg
+        self.plan = preflight(cfg, D.env_world_size())
+        self.backend = D.init(cfg.deepspeed.timeout_s)
+        self.rank, self.world = D.world()
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s",
+                            stream=sys.stdout, force=True)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.prec = resolve_precision(cfg.model, cuda)
+        torch.manual_seed(cfg.run.seed)
+        self.out = Path(cfg.run.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            save(cfg, self.out / "config.yaml")
+        kind = "contrastive" if cfg.stage == 1 else "listwise"
+        self.loader = ShardLoader(cfg.shards, cfg.loader, kind=kind, tokenizer_fingerprint=self.plan.fingerprint)
 
-    g = loader.manifest["max_slate"] if cfg.stage == 2 else 1 + cfg.loader.negatives_per_query
-    if cfg.stage == 2 and cfg.loader.slate_size:
-        g = cfg.loader.slate_size
-    negatives = cfg.loader.batch_size * world * g - 1
-    peak = cfg.run.peak_flops or measure_peak_flops(prec.dtype, device)
-    info = {"stage": cfg.stage, "world_size": world, "backend": backend, "attention": attn, "dtype": prec.name,
-            "zero_stage": cfg.deepspeed.zero_stage, "negatives_per_query": negatives, "params": n_params,
-            "global_batch": cfg.loader.batch_size * world * cfg.loader.grad_accum,
-            "batches_per_epoch": len(loader), "dropped_per_epoch": loader.dropped_per_epoch,
-            "peak_flops_per_device": round(peak), "resumed_from": tag or ""}
-    log.info("[train] " + " ".join(f"{k}={v}" for k, v in info.items()))
-    if not tag:
-        tracker.params(to_dict(cfg), info)
-        tracker.artifact(out / "config.yaml")
-        if rank == 0:
-            import shutil
+        backbone, self.attn = load_backbone(self.plan.model_path, cfg.model, self.prec.dtype, cuda)
+        self.n_params = sum(p.numel() for p in backbone.parameters())
+        # FLOPs count matmul weights only: the input embedding is a lookup (nanoGPT excludes it likewise)
+        self.n_flop_params = self.n_params - backbone.get_input_embeddings().weight.numel()
+        self.memory = self._check_memory(backbone.config)
+        model = Encoder(backbone, cfg.model.pooling)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size))
+        self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens) if cfg.encode.grad_cache else None
 
-            shutil.copy(Path(cfg.shards) / "manifest.json", out / "data_manifest.json")
-        tracker.artifact(out / "data_manifest.json")
-    tracker.tag("resumed_from", tag or "")
+        self.step, run_id = 0, None
+        self.resumed_from = C.latest(self.ckpt_dir)
+        if self.resumed_from:
+            state = C.load(self.engine, self.ckpt_dir, self.resumed_from)
+            self.loader.load_state_dict(state["loader"])
+            self.step, run_id = state["step"], state.get("mlflow_run_id")
+        self.tracker = Tracker(self.out, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
+                               run_id, self.rank == 0)
+        self.peak = cfg.run.peak_flops or measure_peak_flops(self.prec.dtype, self.device)
+        self.skipped = self.bad_in_row = 0
+        self.encoded = ChunkStats()  # what the backbone computed on, over the run (padding efficiency)
+        self._log_start()
 
-    stop_at = min(cfg.run.max_steps, step + cfg.run.stop_after_steps) if cfg.run.stop_after_steps else cfg.run.max_steps
-    batches = _forever(loader)
-    bad_in_row, skipped = 0, 0
-    engine.train()
-    while step < stop_at:
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        tokens = real = samples = 0
-        for _ in range(cfg.loader.grad_accum):
-            batch = _to(next(batches), device)
-            terms = compute(engine, batch, cfg.stage, cfg.loss)
-            finite = torch.tensor(float(torch.isfinite(terms["loss"]).item()))
-            if D.mean_across(finite).item() < 1.0:  # any rank non-finite: every rank skips, in step
-                skipped += 1
-                bad_in_row += 1
-                log.warning("[train] step %d: non-finite loss, micro-batch skipped (%d in a row)", step + 1, bad_in_row)
-                if bad_in_row >= cfg.run.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{bad_in_row} consecutive micro-batches had NaN/Inf losses (run.max_bad_steps="
-                        f"{cfg.run.max_bad_steps}); lower optim.lr or check loss.temperature and the data"
-                    )
-                continue
-            bad_in_row = 0
-            engine.backward(terms["loss"])
-            engine.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + D.mean_across(v).item() / cfg.loader.grad_accum
-            tokens += batch["padded_tokens"]
-            real += batch["real_tokens"]
-            samples += batch["query_input_ids"].shape[0]
-        if not sums:
-            continue
-        step += 1
-        dt = time.perf_counter() - t0
-        flops = 6 * n_flop_params * tokens  # forward + backward per token (attention FLOPs excluded)
-        metrics = {
-            "loss": sums["loss"], "infonce": sums["infonce"], "accuracy": sums["accuracy"],
-            "masked_negatives": sums["masked_negatives"], "lr": engine.get_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_time_s": dt,
-            "samples_per_s": samples * world / dt, "tokens_per_s": real * world / dt,
-            "mfu": flops / dt / peak, "peak_mem_gb": _peak_mem_gb(device), "skipped_micro_batches": skipped,
-            "padding_efficiency": loader.padding_efficiency, "epoch": loader.epoch,
-        }
-        if "ranknet" in sums:
-            metrics["ranknet"] = sums["ranknet"]
-        if step % cfg.run.log_every == 0 or step == stop_at:
-            tracker.metrics(step, metrics)
-            log.info(
-                f"[train] step {step}/{cfg.run.max_steps} | loss {metrics['loss']:.4f} (infonce {metrics['infonce']:.4f}"
-                + (f" ranknet {metrics['ranknet']:.4f}" if "ranknet" in metrics else "")
-                + f") | acc {metrics['accuracy']:.2f} | lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f} | "
-                f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s | {dt:.2f}s | "
-                f"mfu {metrics['mfu']:.1%} | mem {metrics['peak_mem_gb']:.2f}GB"
+    # -- setup helpers ---------------------------------------------------------------------------------------------
+    def _graph_tokens(self) -> int:
+        """Padded tokens whose activations live at once: one GradCache chunk, or a whole micro-batch."""
+        cfg, st = self.cfg, self.loader.manifest.get("lengths", {})
+        if cfg.encode.grad_cache:
+            return cfg.encode.chunk_tokens
+        p95 = {f: int((st.get(f, {}) or {}).get("p95", 0)) for f in ("query", "doc", "prompt")}
+        g = self.loader.slate_size if cfg.stage == 2 else 1 + cfg.loader.negatives_per_query
+        n = cfg.loader.batch_size * (p95["query"] + g * p95["doc"] + (p95["prompt"] if cfg.stage == 2 else 0))
+        return n
+
+    def _check_memory(self, config) -> Estimate:
+        cfg = self.cfg
+        est = estimate(params=self.n_params, hidden=config.hidden_size, layers=config.num_hidden_layers,
+                       bytes_per=2 if self.prec.name == "bf16" else 4, world=self.world,
+                       zero_stage=cfg.deepspeed.zero_stage, graph_tokens=self._graph_tokens(),
+                       grad_ckpt=cfg.model.gradient_checkpointing, offload_optimizer=cfg.deepspeed.offload_optimizer)
+        limit = cfg.encode.max_memory_gb * GB or available_bytes(self.device) / (
+            1 if self.device.type == "cuda" else max(D.local_world_size(), 1))
+        log.info(f"[memory] estimate per rank {est.describe()}; limit {limit / GB:.1f} GB")
+        if est.total > limit:
+            raise PreflightError(
+                f"this configuration needs about {est.total / GB:.1f} GB per rank ({est.describe()}) but "
+                f"{limit / GB:.1f} GB is available per rank; try {advice(est, cfg.model.gradient_checkpointing, cfg.encode.grad_cache)}"
+                " (or set encode.max_memory_gb to override)"
             )
-        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.run.max_steps):
-            tracker.metrics(step, _dev_eval(engine, cfg, plan))
-        if step % cfg.run.save_every == 0 or step == stop_at:
-            C.save(engine, ckpt_dir, step, {"loader": loader.state_dict(), "mlflow_run_id": tracker.run_id,
-                                             "config": to_dict(cfg)})
-    result = {"step": step, "run_id": tracker.run_id, "info": info}
-    final = C.latest(ckpt_dir)
-    if step >= cfg.run.max_steps and cfg.run.export and final:
-        result["export"] = str(_export(engine, cfg, plan, ckpt_dir, final, out))
-        tracker.tag("export", result["export"])
-    tracker.close()
-    return result
+        return est
+
+    def _log_start(self) -> None:
+        cfg = self.cfg
+        g = self.loader.slate_size if cfg.stage == 2 else 1 + cfg.loader.negatives_per_query
+        self.info = {"stage": cfg.stage, "world_size": self.world, "backend": self.backend, "attention": self.attn,
+                     "dtype": self.prec.name, "zero_stage": cfg.deepspeed.zero_stage,
+                     "negatives_per_query": cfg.loader.batch_size * self.world * g - 1, "params": self.n_params,
+                     "global_batch": cfg.loader.batch_size * self.world * cfg.loader.grad_accum,
+                     "grad_cache": cfg.encode.grad_cache, "chunk_tokens": cfg.encode.chunk_tokens,
+                     "memory_estimate_gb": round(self.memory.total / GB, 2),
+                     "batches_per_epoch": len(self.loader), "dropped_per_epoch": self.loader.dropped_per_epoch,
+                     "peak_flops_per_device": round(self.peak), "resumed_from": self.resumed_from or ""}
+        log.info("[train] " + " ".join(f"{k}={v}" for k, v in self.info.items()))
+        if not self.resumed_from:
+            self.tracker.params(to_dict(cfg), self.info)
+            self.tracker.artifact(self.out / "config.yaml")
+            if self.rank == 0:
+                shutil.copy(Path(cfg.shards) / "manifest.json", self.out / "data_manifest.json")
+            self.tracker.artifact(self.out / "data_manifest.json")
+        self.tracker.tag("resumed_from", self.resumed_from or "")
+
+    # -- one optimizer step ----------------------------------------------------------------------------------------
+    def _backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        # We own the accumulation boundary (DeepSpeed's counter would drift when a micro-batch is skipped, and
+        # GradCache calls backward once per chunk): True only on the step's last backward.
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss)
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+        """grad_accum micro-batches -> one optimizer step. A micro-batch whose loss is non-finite on any rank is
+        skipped on every rank (no backward); engine.step() still runs once per micro-batch, so DeepSpeed's
+        accumulation boundary stays ours. Returns the step's sums, or None if every micro-batch was skipped."""
+        cfg, accum = self.cfg, self.cfg.loader.grad_accum
+        sums: dict[str, float] = {}
+        stats = ChunkStats()
+        samples = done = 0
+        for a in range(accum):
+            last = a == accum - 1
+            batch = _to(next(batches), self.device)
+            if self.cache:
+                terms = self.cache.forward(batch, cfg.stage, cfg.loss, stats)
+            else:
+                terms = compute(self.engine, batch, cfg.stage, cfg.loss, cfg.encode.chunk_tokens, stats)
+            finite = D.mean_across(torch.isfinite(terms["loss"]).float()).item() == 1.0
+            if not finite:  # any rank non-finite: every rank skips, in step
+                self.skipped += 1
+                self.bad_in_row += 1
+                log.warning("[train] step %d: non-finite loss, micro-batch skipped (%d in a row)", self.step + 1,
+                            self.bad_in_row)
+                if self.cache:
+                    self.cache.discard()
+                if self.bad_in_row >= cfg.run.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{self.bad_in_row} consecutive micro-batches had NaN/Inf losses (run.max_bad_steps="
+                        f"{cfg.run.max_bad_steps}); lower optim.lr or check loss.temperature and the data")
+            else:
+                self.bad_in_row = 0
+                if self.cache:
+                    self.cache.backward(lambda s, end, last=last: self._backward(s, last and end))
+                else:
+                    self._backward(terms["loss"], last)
+                done += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + D.mean_across(v).item()
+                samples += batch["query_input_ids"].shape[0]
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.step()
+        if not done:
+            return None
+        return {"sums": {k: v / done for k, v in sums.items()}, "stats": stats, "samples": samples}
+
+    # -- metrics, evaluation ---------------------------------------------------------------------------------------
+    def metrics(self, out: dict[str, Any], dt: float) -> dict[str, float]:
+        s, st = out["sums"], out["stats"]
+        self.encoded.real += st.real
+        self.encoded.padded += st.padded
+        real = D.mean_across(torch.tensor(float(st.real))).item() * self.world
+        padded = D.mean_across(torch.tensor(float(st.padded))).item() * self.world
+        # MFU on real tokens (padding is not useful work); 6 x params per token for forward + backward; GradCache's
+        # second forward is recomputation and is not counted (as activation checkpointing is not)
+        m = {
+            "loss": s["loss"], "infonce": s["infonce"], "accuracy": s["accuracy"],
+            "masked_negatives": s["masked_negatives"], "lr": self.engine.get_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "step_time_s": dt,
+            "samples_per_s": out["samples"] * self.world / dt, "tokens_per_s": real / dt,
+            "mfu": 6 * self.n_flop_params * real / self.world / dt / self.peak,
+            "padded_mfu": 6 * self.n_flop_params * padded / self.world / dt / self.peak,
+            "peak_mem_gb": _peak_mem_gb(self.device), "skipped_micro_batches": self.skipped,
+            "padding_efficiency": real / max(padded, 1), "loader_padding_efficiency": self.loader.padding_efficiency,
+            "forwards": st.forwards, "epoch": self.loader.epoch,
+        }
+        if "ranknet" in s:
+            m["ranknet"] = s["ranknet"]
+        return m
+
+    def log_line(self, m: dict[str, float]) -> str:
+        return (
+            f"[train] step {self.step}/{self.cfg.run.max_steps} | loss {m['loss']:.4f} (infonce {m['infonce']:.4f}"
+            + (f" ranknet {m['ranknet']:.4f}" if "ranknet" in m else "")
+            + f") | acc {m['accuracy']:.2f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
+            f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s | {m['step_time_s']:.2f}s | "
+            f"mfu {m['mfu']:.1%} | pad-eff {m['padding_efficiency']:.2f} | mem {m['peak_mem_gb']:.2f}GB"
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        return _dev_eval(self.engine, self.cfg, self.plan)
+
+    def save(self) -> None:
+        C.save(self.engine, self.ckpt_dir, self.step, {"loader": self.loader.state_dict(),
+                                                        "mlflow_run_id": self.tracker.run_id, "config": to_dict(self.cfg)})
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        stop_at = min(cfg.run.max_steps, self.step + cfg.run.stop_after_steps) if cfg.run.stop_after_steps \
+            else cfg.run.max_steps
+        batches = _forever(self.loader)
+        self.engine.train()
+        while self.step < stop_at:
+            t0 = time.perf_counter()
+            out = self.train_step(batches)
+            if out is None:
+                continue
+            self.step += 1
+            m = self.metrics(out, time.perf_counter() - t0)
+            if self.step % cfg.run.log_every == 0 or self.step == stop_at:
+                self.tracker.metrics(self.step, m)
+                log.info(self.log_line(m))
+            if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.run.max_steps):
+                self.tracker.metrics(self.step, self.evaluate())
+            if self.step % cfg.run.save_every == 0 or self.step == stop_at:
+                self.save()
+        result = {"step": self.step, "run_id": self.tracker.run_id, "info": self.info}
+        final = C.latest(self.ckpt_dir)
+        if self.step >= cfg.run.max_steps and cfg.run.export and final:
+            result["export"] = str(_export(self.engine, cfg, self.plan, self.ckpt_dir, final, self.out))
+            self.tracker.tag("export", result["export"])
+        self.tracker.close()
+        return result
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    return Trainer(cfg).train()
 
 
 _DEV: dict[str, Any] = {}  # the dev set, instructions and text encoder: loaded once per run, not per evaluation

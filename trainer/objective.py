@@ -1,8 +1,12 @@
-"""One micro-batch -> embeddings -> loss terms, for both stages. Used by the loop and the gradient-equivalence test.
+"""One micro-batch -> embeddings -> loss terms, for both stages. Used by the trainer and the gradient-equivalence test.
 
-Each rank encodes its local queries, documents (and, in stage 2, listwise prompts): the same three forwards on
-every rank, every step (ZeRO-3 hangs otherwise). Candidates are gathered across ranks with an autograd-aware
-all_gather, so each local query is scored against every candidate in the global batch.
+Each rank encodes its local queries, documents (and, in stage 2, listwise prompts), each field in length-grouped
+chunks (trainer/chunking.py) whose count is agreed across ranks: the same forwards on every rank, every step
+(ZeRO-3 hangs otherwise). Candidates are gathered across ranks with an autograd-aware all_gather, so each local
+query is scored against every candidate in the global batch.
+
+`embed_batch` and `loss_terms` are separate so GradCache (trainer/grad_cache.py) can compute the loss on cached
+embeddings and re-encode with the graph afterwards.
 """
 
 from __future__ import annotations
@@ -13,15 +17,26 @@ from typing import Any
 import torch
 
 from . import distributed as D
+from .chunking import ChunkStats, encode_chunked
 from .config import LossConfig
 from .losses import info_nce, ranknet
 
 Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def compute(encode: Encode, batch: dict[str, Any], stage: int, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    q = encode(batch["query_input_ids"], batch["query_attention_mask"])
-    d = encode(batch["doc_input_ids"], batch["doc_attention_mask"])
+def fields(stage: int) -> tuple[str, ...]:
+    return ("query", "doc") if stage == 1 else ("query", "doc", "prompt")
+
+
+def embed_batch(encode: Encode, batch: dict[str, Any], stage: int, chunk_tokens: int = 0,
+                stats: ChunkStats | None = None) -> dict[str, torch.Tensor]:
+    """{field: [N, D] fp32 embeddings} in batch order; chunk_tokens <= 0 encodes each field as one padded batch."""
+    return {f: encode_chunked(encode, batch[f"{f}_input_ids"], batch[f"{f}_attention_mask"], chunk_tokens, name=f,
+                              stats=stats) for f in fields(stage)}
+
+
+def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    q, d = emb["query"], emb["doc"]
     rank, _ = D.world()
     b, g = q.shape[0], batch["docs_per_query"]
     local = torch.arange(b, device=q.device)
@@ -37,11 +52,15 @@ def compute(encode: Encode, batch: dict[str, Any], stage: int, cfg: LossConfig) 
     nce = info_nce(q, docs_all, pos, temperature=cfg.temperature, valid=valid, doc_hash=hashes, margin=cfg.margin_mask)
     out = {"infonce": nce.loss, "accuracy": nce.accuracy, "masked_negatives": nce.masked.float()}
     if stage == 2:
-        p = encode(batch["prompt_input_ids"], batch["prompt_attention_mask"])
-        rk = ranknet(p, d.view(b, g, -1), batch["ranking"].to(q.device), batch["cand_mask"].to(q.device),
+        rk = ranknet(emb["prompt"], d.view(b, g, -1), batch["ranking"].to(q.device), batch["cand_mask"].to(q.device),
                      scale=cfg.ranknet_scale, pair_weighting=cfg.ranknet_pair_weighting)
         out["ranknet"] = rk
         out["loss"] = nce.loss + cfg.ranknet_weight * rk
     else:
         out["loss"] = nce.loss
     return out
+
+
+def compute(encode: Encode, batch: dict[str, Any], stage: int, cfg: LossConfig, chunk_tokens: int = 0,
+            stats: ChunkStats | None = None) -> dict[str, torch.Tensor]:
+    return loss_terms(embed_batch(encode, batch, stage, chunk_tokens, stats), batch, stage, cfg)

@@ -9,10 +9,13 @@ from transformers import AutoModel
 
 from trainer import distributed as D
 from trainer.config import LossConfig
+from trainer.grad_cache import CachedStep
 from trainer.model import Encoder
 from trainer.objective import compute
 
 model_path, batch_path, stage, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+mode = sys.argv[6] if len(sys.argv) > 6 else "padded"  # padded | chunked | cached
+CHUNK = 16  # tokens per forward: 1-2 sequences, so the ranks' chunk counts differ and must be agreed
 
 
 def local_slice(batch, rank, world):
@@ -35,8 +38,18 @@ cfg = {"train_micro_batch_size_per_gpu": batch["query_input_ids"].shape[0], "gra
        "zero_optimization": {"stage": zero, "stage3_param_persistence_threshold": 0},
        "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}}
 engine, *_ = deepspeed.initialize(model=enc, model_parameters=enc.parameters(), config=cfg)
-terms = compute(engine, batch, stage, LossConfig())
-engine.backward(terms["loss"])
+if mode == "cached":
+    step = CachedStep(engine, CHUNK)
+    terms = step.forward(batch, stage, LossConfig())
+
+    def backward(surrogate, last):
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(surrogate)
+
+    step.backward(backward)
+else:
+    terms = compute(engine, batch, stage, LossConfig(), chunk_tokens=CHUNK if mode == "chunked" else 0)
+    engine.backward(terms["loss"])
 grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
 loss = D.mean_across(terms["loss"])
 if rank == 0:
