@@ -188,7 +188,7 @@ def run_ours(args, batches, device) -> dict:
     real = sum(s.real for s in stats_all)
     padded = sum(s.padded for s in stats_all)
     return {"attention": attn, "n_flop_params": n_flop, "seconds": sum(times), "real_tokens": real,
-            "computed_tokens": padded, "padding_efficiency": real / max(padded, 1),
+            "computed_tokens": padded, "ds_skipped_steps": int(getattr(engine, "skipped_steps", -1)), "padding_efficiency": real / max(padded, 1),
             "loader_padding_efficiency": sum(b["real_tokens"] for b in batches[args.warmup:])
             / sum(b["padded_tokens"] for b in batches[args.warmup:])}
 

@@ -246,3 +246,25 @@ def test_periodic_dev_evaluation_is_logged(setup, tmp_path):
     m = losses(out)
     assert all(0 <= m[s]["dev_listwise_ndcg_at_10"] <= 1 and "dev_retrieval_mrr_at_10" in m[s] for s in (1, 2))
     assert "[eval] dev_retrieval_ndcg_at_10=" in r.stdout
+
+
+@pytest.mark.parametrize("at", [3, 4])  # step 2's first / last micro-batch (grad_accum 2)
+def test_skipped_micro_batch_keeps_the_accumulation_boundary(setup, tmp_path, at):
+    """A NaN on one rank skips that micro-batch on every rank; the step still steps once, on the other micro-batch's
+    gradient, and the schedule does not shift: the same as a run where that micro-batch contributed nothing."""
+    require_netns()
+    runs = {}
+    for how, ranks in (("nan", "0"), ("zero", "0,1")):
+        out = tmp_path / how
+        r = torchrun(["tests/scripts/poisoned_train.py", *train_cmd(setup["c"], setup["model"], out)[2:],
+                      "loader.grad_accum=2", "run.max_steps=4", "run.save_every=4", "run.export=false"],
+                     env={"POISON_AT": str(at), "POISON_HOW": how, "POISON_RANKS": ranks})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        runs[how] = losses(out)
+    nan, ref = runs["nan"], runs["zero"]
+    assert sorted(nan) == [1, 2, 3, 4]
+    assert nan[2]["skipped_micro_batches"] == 1 and ref[2]["skipped_micro_batches"] == 0
+    assert nan[2]["grad_norm"] == pytest.approx(ref[2]["grad_norm"], rel=1e-5)
+    for s in (3, 4):
+        for k in ("loss", "lr", "grad_norm"):
+            assert nan[s][k] == pytest.approx(ref[s][k], rel=1e-5), (s, k)

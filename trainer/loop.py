@@ -241,12 +241,15 @@ class Trainer:
 
     def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
         """grad_accum micro-batches -> one optimizer step. A micro-batch whose loss is non-finite on any rank is
-        skipped on every rank (no backward); engine.step() still runs once per micro-batch, so DeepSpeed's
-        accumulation boundary stays ours. Returns the step's sums, or None if every micro-batch was skipped."""
+        skipped on every rank (no backward). We own the accumulation boundary: every backward says whether it is the
+        step's last, and engine.step() runs once per optimizer step, so a skipped micro-batch cannot shift
+        DeepSpeed's boundary (its own counter would). Returns the step's sums, or None if every micro-batch was
+        skipped (no optimizer step, no LR step)."""
         cfg, accum = self.cfg, self.cfg.loader.grad_accum
         sums: dict[str, float] = {}
         stats = ChunkStats()
         samples = done = 0
+        stepped = False
         for a in range(accum):
             last = a == accum - 1
             batch = _to(next(batches), self.device)
@@ -254,33 +257,37 @@ class Trainer:
                 terms = self.cache.forward(batch, cfg.stage, cfg.loss, stats)
             else:
                 terms = compute(self.engine, batch, cfg.stage, cfg.loss, cfg.encode.chunk_tokens, stats)
-            finite = D.mean_across(torch.isfinite(terms["loss"]).float()).item() == 1.0
-            if not finite:  # any rank non-finite: every rank skips, in step
-                self.skipped += 1
-                self.bad_in_row += 1
-                log.warning("[train] step %d: non-finite loss, micro-batch skipped (%d in a row)", self.step + 1,
-                            self.bad_in_row)
-                if self.cache:
-                    self.cache.discard()
-                if self.bad_in_row >= cfg.run.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{self.bad_in_row} consecutive micro-batches had NaN/Inf losses (run.max_bad_steps="
-                        f"{cfg.run.max_bad_steps}); lower optim.lr or check loss.temperature and the data")
+            if D.mean_across(torch.isfinite(terms["loss"]).float()).item() < 1.0:  # any rank: all skip, in step
+                self._skip(terms)
+                continue
+            self.bad_in_row = 0
+            if self.cache:
+                self.cache.backward(lambda s, end, last=last: self._backward(s, last and end))
             else:
-                self.bad_in_row = 0
-                if self.cache:
-                    self.cache.backward(lambda s, end, last=last: self._backward(s, last and end))
-                else:
-                    self._backward(terms["loss"], last)
-                done += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + D.mean_across(v).item()
-                samples += batch["query_input_ids"].shape[0]
-            self.engine.set_gradient_accumulation_boundary(last)
-            self.engine.step()
+                self._backward(terms["loss"], last)
+            stepped = last
+            done += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + D.mean_across(v).item()
+            samples += batch["query_input_ids"].shape[0]
         if not done:
             return None
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        if not stepped:  # the last micro-batch was skipped: its backward never told DeepSpeed "boundary"
+            log.warning("[train] step %d: optimizer step on %d of %d micro-batches", self.step + 1, done, accum)
         return {"sums": {k: v / done for k, v in sums.items()}, "stats": stats, "samples": samples}
+
+    def _skip(self, terms: dict[str, torch.Tensor]) -> None:
+        self.skipped += 1
+        self.bad_in_row += 1
+        log.warning("[train] step %d: non-finite loss, micro-batch skipped (%d in a row)", self.step + 1, self.bad_in_row)
+        if self.cache:
+            self.cache.discard()
+        if self.bad_in_row >= self.cfg.run.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_in_row} consecutive micro-batches had NaN/Inf losses (run.max_bad_steps="
+                f"{self.cfg.run.max_bad_steps}); lower optim.lr or check loss.temperature and the data")
 
     # -- metrics, evaluation ---------------------------------------------------------------------------------------
     def metrics(self, out: dict[str, Any], dt: float) -> dict[str, float]:

@@ -41,9 +41,24 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        self.causal = is_causal(backbone)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return embed(self.backbone, input_ids, attention_mask, self.pooling)
+        return embed(self.backbone, input_ids, attention_mask, self.pooling, causal=self.causal)
+
+
+def is_causal(backbone: nn.Module) -> bool:
+    """A decoder whose attention is causal (Llama/Qwen attention modules say so); encoders (BERT) are not."""
+    flags = [m.is_causal for m in backbone.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
+def to_right_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real tokens first (in order), padding after, whatever the padding side was."""
+    if bool((mask[:, 0] == 1).all()):
+        return ids, mask
+    order = torch.argsort(1 - mask.to(torch.int8), dim=1, stable=True)
+    return ids.gather(1, order), mask.gather(1, order)
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -52,9 +67,21 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def embed(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """The one way text becomes an embedding: backbone -> pool -> L2 normalise, in fp32."""
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+def embed(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+          causal: bool | None = None) -> torch.Tensor:
+    """The one way text becomes an embedding: backbone -> pool -> L2 normalise, in fp32.
+
+    Causal decoders run right-padded with no attention mask: a real token only attends to earlier tokens, all real,
+    so its hidden state is exactly the masked one, and attention takes the fused causal kernels (flash on GPU). A
+    padding mask would instead force sdpa off flash (mask + GQA: the slow math path on CUDA), and left padding gives
+    pad rows with nothing to attend to, whose NaN outputs poison the weight gradients (0 x NaN) on CUDA kernels."""
+    if causal is None:
+        causal = is_causal(backbone)
+    if causal:
+        input_ids, attention_mask = to_right_padding(input_ids, attention_mask)
+        out = backbone(input_ids=input_ids)
+    else:
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     emb = pool(out.last_hidden_state, attention_mask, pooling)
     return F.normalize(emb.float(), dim=-1)  # similarities and losses in fp32, whatever the model dtype
 
