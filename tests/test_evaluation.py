@@ -81,7 +81,7 @@ def test_documents_are_encoded_once_per_model(tiny, tmp_path):
 
 
 def test_rerank_api_reuses_retrieval_embeddings(tiny):
-    rer = Reranker.from_base(str(tiny), tokenization=TOK)
+    rer = Reranker.from_base(str(tiny), tokenization=TOK, dtype="fp32")  # exact comparison below
     docs = [f"candidate {i}" for i in range(7)]
     emb = rer.embed(docs)
     before = rer.forward_calls
@@ -126,3 +126,20 @@ def test_cli_on_noveleval_with_a_tiny_model(tiny, tmp_path):
     r2 = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--model", str(tiny), "--data", str(nov / "data.json"),
                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 2 and "not an E2Rank export" in r2.stderr
+
+
+def test_bf16_inference_agrees_with_fp32(tiny):
+    """auto = bf16 where the CPU/GPU multiplies bf16 natively; embeddings stay close to fp32's."""
+    import torch
+
+    from trainer.reranker import inference_dtype
+
+    docs = [f"candidate number {i} " * (1 + i % 5) for i in range(12)]
+    fp = Reranker.from_base(str(tiny), tokenization=TOK, dtype="fp32")
+    bf = Reranker.from_base(str(tiny), tokenization=TOK, dtype="bf16")
+    assert fp.dtype == torch.float32 and bf.dtype == torch.bfloat16
+    assert Reranker.from_base(str(tiny), tokenization=TOK).dtype == inference_dtype(torch.device("cpu"))
+    a, b = fp.embed(docs), bf.embed(docs)
+    assert a.dtype == b.dtype == np.float32
+    cos = (a * b).sum(1)
+    assert cos.min() > 0.99, cos

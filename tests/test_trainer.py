@@ -268,3 +268,14 @@ def test_skipped_micro_batch_keeps_the_accumulation_boundary(setup, tmp_path, at
     for s in (3, 4):
         for k in ("loss", "lr", "grad_norm"):
             assert nan[s][k] == pytest.approx(ref[s][k], rel=1e-5), (s, k)
+
+
+def test_memory_estimate_refuses_what_cannot_fit(setup, tmp_path):
+    """The start-up estimate is printed; a configuration over the limit stops before training, naming what to change."""
+    require_netns()
+    cmd = [sys.executable, *train_cmd(setup["c"], setup["model"], tmp_path / "o", "encode.max_memory_gb=0.05")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "[memory] estimate per rank" in r.stdout
+    assert "GB per rank" in r.stderr and "loader.batch_size" in r.stderr and "encode.max_memory_gb" in r.stderr
+    assert not (tmp_path / "o" / "checkpoints" / "latest").exists()

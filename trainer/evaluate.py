@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-queries", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="model")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="inference precision; auto = bf16 where the hardware has it (GPU, AMX/AVX512-BF16 CPUs)")
     args = ap.parse_args(argv)
     import os
 
@@ -45,12 +47,14 @@ def main(argv=None) -> int:
             es.run = {q: es.run[q] for q in keep}
         table = InstructionTable.load()
         ins = table.lookup(args.source or es.name, allow_unknown=True)
-        model = Reranker.from_base(args.model, pooling=args.pooling) if args.base else Reranker.from_pretrained(args.model)
+        model = (Reranker.from_base(args.model, pooling=args.pooling, dtype=args.dtype) if args.base
+                 else Reranker.from_pretrained(args.model, dtype=args.dtype))
         res = evaluate(model, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, modes=args.modes,
                        prompt_k=args.prompt_k, out_dir=Path(args.out), tag=args.tag)
     except (NotAnExport, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    res["dtype"] = str(model.dtype).replace("torch.", "")
     print(json.dumps(res, indent=1))
     return 0
 

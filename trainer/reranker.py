@@ -19,24 +19,41 @@ from data_pipeline.text import TextEncoder, TokenizationConfig
 from data_pipeline.typed_config import from_dict
 
 from .checkpoint import EXPORT_INFO
-from .model import embed
+from .chunking import plan_chunks
+from .model import embed, is_causal
 
 
 class NotAnExport(ValueError):
     pass
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware multiplies it natively (GPU; CPUs with AMX/AVX512-BF16, ~6x the fp32 matmul rate
+    here), else fp32. Embeddings and similarities are fp32 either way (trainer/model.py embed)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
 class Reranker:
     def __init__(self, model, text: TextEncoder, pooling: str, batch_size: int = 32, device: str | None = None,
-                 encode=None):
+                 encode=None, chunk_tokens: int = 8192):
         """`encode(ids, mask) -> embeddings` replaces the model's forward (the trainer passes its DeepSpeed engine,
-        so periodic evaluation runs on the partitioned ZeRO-3 model, every rank in step)."""
+        so periodic evaluation runs on the partitioned ZeRO-3 model, every rank in step). Texts are encoded in
+        length-sorted chunks of at most `batch_size` sequences and `chunk_tokens` padded tokens."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval() if model is not None else None
-        self.encode = encode or (lambda ids, mask: embed(self.model, ids, mask, self.pooling))
+        causal = is_causal(model) if model is not None else None
+        self.encode = encode or (lambda ids, mask: embed(self.model, ids, mask, self.pooling, causal=causal))
         self.text = text
         self.pooling = pooling
         self.batch_size = batch_size
+        self.chunk_tokens = chunk_tokens
+        self.dtype = next(model.parameters()).dtype if model is not None else None
         self.forward_calls = 0  # sequences encoded (tests check that cached documents are not re-encoded)
         self._doc_cache: dict[str, np.ndarray] = {}
 
@@ -63,21 +80,24 @@ class Reranker:
         return cls._load(folder, tok_cfg, pooling, **kw)
 
     @classmethod
-    def _load(cls, folder: str, tok_cfg: TokenizationConfig, pooling: str, **kw) -> Reranker:
+    def _load(cls, folder: str, tok_cfg: TokenizationConfig, pooling: str, dtype: str = "auto", **kw) -> Reranker:
+        """dtype: auto (bf16 where the hardware has it, see inference_dtype), bf16 or fp32."""
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
+        dev = torch.device(kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dt = {"auto": inference_dtype(dev), "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dt)
         return cls(model, TextEncoder(load_tokenizer(folder), tok_cfg), pooling, **kw)
 
     # -- encoding ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_ids(self, seqs: Sequence[np.ndarray], progress=None) -> np.ndarray:
-        """Length-sorted batches (little padding), results in input order."""
-        order = np.argsort([-len(s) for s in seqs], kind="stable")
+        """Length-grouped chunks (trainer/chunking.py: little padding), results in input order."""
         out = np.zeros((len(seqs), 0), np.float32)
         chunks = []
-        for i in range(0, len(order), self.batch_size):
-            idx = order[i : i + self.batch_size]
+        plan = plan_chunks([len(s) for s in seqs], self.chunk_tokens)
+        plan = [c[i : i + self.batch_size] for c in plan for i in range(0, len(c), self.batch_size)]
+        for idx in plan:
             ids, mask = left_pad([seqs[j] for j in idx], self.text.pad_id, 8)
             e = self.encode(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
             chunks.append((idx, e))

@@ -1,0 +1,183 @@
+"""Our stage 1 against sentence-transformers on the same model, data, lengths and global batch, in the same run.
+
+    python bench/peer_throughput.py [--batch 4] [--steps 4] [--configs ours-fp32 st-fp32 ours-bf16 st-bf16 ...]
+
+- Model: SmolLM2-135M (pypi:smollm2-135m), last-token pooling, L2-normalised, tau 0.03 (scale 33.3).
+- Data: SciFact train, qrels positive + 3 BM25 hard negatives per query, queries with the E2Rank instruction,
+  q512/d512 (our pipeline's shards; sentence-transformers gets the same texts and max_seq_length 512).
+- 2 processes each (gloo): ours = `torchrun -m trainer` (DeepSpeed ZeRO-3, chunked padding-free encoding, optionally
+  GradCache); sentence-transformers = DDP + MultipleNegativesRankingLoss / CachedMultipleNegativesRankingLoss with
+  gather_across_devices=True, AdamW, bf16 = autocast (what its trainer does with bf16=True), pre-tokenized batches.
+- tokens/s counts real (non-pad) tokens of both processes; the first step is excluded; peak RSS is per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+LEN = 512  # --len overrides (q and d)
+
+
+def st_worker(args) -> int:
+    """One rank of the sentence-transformers run (under torchrun)."""
+    import torch
+    import torch.distributed as dist
+    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+    from torch.nn.parallel import DistributedDataParallel
+
+    from data_pipeline.instructions import InstructionTable
+    from data_pipeline.pretrained import resolve
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    folder = str(resolve(args.model, weights=True))
+    tr = models.Transformer(folder, max_seq_length=LEN, model_kwargs={"attn_implementation": "sdpa",
+                                                                       "dtype": torch.float32})
+    dim = tr.get_embedding_dimension() if hasattr(tr, "get_embedding_dimension") else tr.get_word_embedding_dimension()
+    model = SentenceTransformer(modules=[tr, models.Pooling(dim, "lasttoken"), models.Normalize()], device="cpu")
+    if args.grad_ckpt:
+        model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ddp = DistributedDataParallel(model)
+    if args.cached:
+        loss_fn = CachedMultipleNegativesRankingLoss(model, scale=1 / 0.03, mini_batch_size=args.mini_batch,
+                                                     gather_across_devices=True)
+    else:
+        loss_fn = MultipleNegativesRankingLoss(model, scale=1 / 0.03, gather_across_devices=True)
+    loss_fn.model = ddp  # what the sentence-transformers trainer does under DDP: the loss calls the wrapped model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ins = InstructionTable.load().lookup("scifact", allow_unknown=False).query[0]
+    recs = [json.loads(x) for x in open(args.records)]
+    prep = getattr(model, "preprocess", None) or model.tokenize
+    times, toks = [], []
+    for step in range(args.steps + 1):
+        lo = (step * world + rank) * args.batch
+        rows = recs[lo : lo + args.batch]
+        cols = [[f"Instruct: {ins}\nQuery:{r['query']}" for r in rows], [r["pos"][0] for r in rows]]
+        cols += [[r["neg"][j] for r in rows] for j in range(3)]
+        feats = [{k: v for k, v in prep(c).items() if torch.is_tensor(v)} for c in cols]
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            loss = loss_fn(feats, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t
+        real = torch.tensor(float(sum(int(f["attention_mask"].sum()) for f in feats)))
+        padded = torch.tensor(float(sum(f["attention_mask"].numel() for f in feats)))
+        dist.all_reduce(real)
+        dist.all_reduce(padded)
+        if step:
+            times.append(dt)
+            toks.append((real.item(), padded.item()))
+    rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        real, padded = sum(t[0] for t in toks), sum(t[1] for t in toks)
+        sys.stdout.write("RESULT " + json.dumps({"tokens_per_s": real / sum(times), "s_per_step": statistics.median(times),
+                                                 "padding_efficiency": real / padded, "peak_rss_gb": rss.item()}) + "\n")
+    dist.destroy_process_group()
+    return 0
+
+
+def torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="pypi:smollm2-135m")
+    ap.add_argument("--data", default=os.environ.get("E2RANK_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--batch", type=int, default=4, help="queries per process per step (x 5 texts)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--mini-batch", type=int, default=2, help="GradCache chunk: queries' texts per mini-batch")
+    ap.add_argument("--configs", nargs="+", default=["ours-fp32", "st-fp32", "ours-bf16", "st-bf16",
+                                                      "ours-gc-bf16", "st-cmnrl-bf16"])
+    ap.add_argument("--work", default="")
+    ap.add_argument("--len", type=int, default=512, help="query and document max length (tokens)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
+    ap.add_argument("--st-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--records", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    global LEN
+    LEN = args.len
+    if args.st_worker:
+        return st_worker(args)
+
+    from data_pipeline.beir import bm25_contrastive
+    from data_pipeline.config import PipelineConfig
+    from data_pipeline.job import run
+    from data_pipeline.text import TokenizationConfig
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-peer-"))
+    work.mkdir(parents=True, exist_ok=True)
+    recs = work / "scifact-train.jsonl"
+    if not recs.exists():
+        bm25_contrastive(Path(args.data) / "scifact", "train", recs, negatives=3, source="scifact")
+    shards = work / f"shards-{LEN}"
+    tok = TokenizationConfig(tokenizer=args.model, query_max_len=LEN, doc_max_len=LEN)
+    run(PipelineConfig(kind="contrastive", inputs=[str(recs)], output=str(shards), samples_per_shard=200,
+                       tokenization=tok, progress=False), log=lambda *_: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # our loader shuffles with the seed; same-length statistics, not the same rows: SciFact docs are homogeneous
+    rows = {}
+    for c in args.configs:
+        dtype = c.rsplit("-", 1)[1]
+        t = time.perf_counter()
+        if c.startswith("ours"):
+            out = work / f"run-{c}"
+            r = torchrun(["-m", "trainer", "stage=1", f"shards={shards}", f"model.path={args.model}",
+                          f"run.output_dir={out}", f"run.max_steps={args.steps + 1}", "run.save_every=1000000",
+                          "run.export=false", f"loader.batch_size={args.batch}", "loader.negatives_per_query=3",
+                          f"model.dtype={dtype}", "optim.lr=0.00001", "loss.temperature=0.03",
+                          f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
+                          f"encode.grad_cache={str('-gc-' in c).lower()}",
+                          f"encode.chunk_tokens={args.mini_batch * LEN if '-gc-' in c else 8192}"], env)
+            if r.returncode:
+                print(f"{c}: FAILED\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
+                continue
+            m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
+            rows[c] = {"tokens_per_s": sum(x["tokens_per_s"] * x["step_time_s"] for x in m) / sum(x["step_time_s"] for x in m),
+                       "s_per_step": statistics.median(x["step_time_s"] for x in m),
+                       "padding_efficiency": m[-1]["padding_efficiency"],
+                       "loader_padding_efficiency": m[-1]["loader_padding_efficiency"],
+                       "peak_rss_gb": max(x["peak_mem_gb"] for x in m), "mfu": statistics.median(x["mfu"] for x in m)}
+        else:
+            r = torchrun([__file__, "--st-worker", f"--len={LEN}", f"--records={recs}", f"--model={args.model}", f"--batch={args.batch}",
+                          f"--steps={args.steps}", f"--dtype={dtype}", f"--mini-batch={args.mini_batch * 5}"]
+                         + (["--cached"] if "cmnrl" in c else []) + (["--grad-ckpt"] if args.grad_ckpt else []), env)
+            line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if r.returncode or line is None:
+                print(f"{c}: FAILED\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
+                continue
+            rows[c] = json.loads(line[len("RESULT "):])
+        rows[c]["wall_s"] = time.perf_counter() - t
+        print(f"{c}: " + json.dumps({k: round(v, 4) for k, v in rows[c].items()}), flush=True)
+    for a, b in (("ours-fp32", "st-fp32"), ("ours-bf16", "st-bf16"), ("ours-bf16", "st-fp32"),
+                 ("ours-gc-bf16", "st-cmnrl-bf16")):
+        if a in rows and b in rows:
+            print(f"{a} / {b}: tokens/s {rows[a]['tokens_per_s'] / rows[b]['tokens_per_s']:.2f}x, peak RSS per process "
+                  f"{rows[a]['peak_rss_gb']:.2f} vs {rows[b]['peak_rss_gb']:.2f} GB")
+    (work / "peer_throughput.json").write_text(json.dumps(rows, indent=1))
+    print(f"results: {work / 'peer_throughput.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
