@@ -198,8 +198,8 @@ def run_st(args, batches, device) -> dict:
     from sentence_transformers import SentenceTransformer, models
     from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 
-    from trainer.model import attention_candidates
     from trainer.config import ModelConfig
+    from trainer.model import attention_candidates
 
     attn = attention_candidates(ModelConfig(), device.type == "cuda")[0]
     tr = models.Transformer(str(args.model), max_seq_length=lengths(args.tiny)["doc_max_len"],

@@ -17,6 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def step(model, ids, mask, how: str) -> None:
+    """Forward + backward of a toy objective: ours (right-padded, no mask) or HF's default (padding mask)."""
+    from trainer.model import embed
+
+    if how == "ours_nomask":
+        e = embed(model, ids, mask, "last", causal=True)
+    else:
+        e = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1].float()
+    e.square().sum().backward()
+
+
 def main() -> int:
     import torch
     from transformers import AutoModel, Qwen3Config
@@ -53,21 +64,13 @@ def main() -> int:
             if ckpt:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             for how in ("ours_nomask", "padding_mask"):
-                def step():
-                    if how == "ours_nomask":
-                        e = embed(model, ids, mask, "last", causal=True)
-                    else:
-                        o = model(input_ids=ids, attention_mask=mask)
-                        e = o.last_hidden_state[:, -1].float()
-                    e.square().sum().backward()
-
                 for _ in range(2):
-                    step()
+                    step(model, ids, mask, how)
                 sync()
                 t = time.perf_counter()
                 k = 3
                 for _ in range(k):
-                    step()
+                    step(model, ids, mask, how)
                 sync()
                 dt = (time.perf_counter() - t) / k
                 real = int(mask.sum())

@@ -104,9 +104,10 @@ def main() -> int:
     ap.add_argument("--data", default=os.environ.get("E2RANK_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--batch", type=int, default=4, help="queries per process per step (x 5 texts)")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--mini-batch", type=int, default=2, help="GradCache chunk: queries' texts per mini-batch")
-    ap.add_argument("--configs", nargs="+", default=["ours-fp32", "st-fp32", "ours-bf16", "st-bf16",
-                                                      "ours-gc-bf16", "st-cmnrl-bf16"])
+    ap.add_argument("--mini-batch", type=int, default=2, help="GradCache mini-batch in queries: x5 texts for CachedMNRL, x5x512 tokens for ours")
+    ap.add_argument("--configs", nargs="+", default=["ours-fp32", "ours-z2-fp32", "st-fp32", "ours-bf16", "ours-z2-bf16",
+                                                      "st-bf16", "ours-gc-bf16", "st-cmnrl-bf16"],
+                    help="ours-[z2-|gc-]DTYPE (ZeRO-3 unless z2; gc = GradCache), st-DTYPE, st-cmnrl-DTYPE")
     ap.add_argument("--work", default="")
     ap.add_argument("--len", type=int, default=512, help="query and document max length (tokens)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
@@ -141,14 +142,15 @@ def main() -> int:
         dtype = c.rsplit("-", 1)[1]
         t = time.perf_counter()
         if c.startswith("ours"):
-            out = work / f"run-{c}"
+            out = work / f"run-{c}-{LEN}{'-ckpt' if args.grad_ckpt else ''}"
             r = torchrun(["-m", "trainer", "stage=1", f"shards={shards}", f"model.path={args.model}",
                           f"run.output_dir={out}", f"run.max_steps={args.steps + 1}", "run.save_every=1000000",
                           "run.export=false", f"loader.batch_size={args.batch}", "loader.negatives_per_query=3",
                           f"model.dtype={dtype}", "optim.lr=0.00001", "loss.temperature=0.03",
                           f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
                           f"encode.grad_cache={str('-gc-' in c).lower()}",
-                          f"encode.chunk_tokens={args.mini_batch * LEN if '-gc-' in c else 8192}"], env)
+                          f"deepspeed.zero_stage={2 if '-z2-' in c else 3}",
+                          f"encode.chunk_tokens={args.mini_batch * 5 * LEN if '-gc-' in c else 8192}"], env)
             if r.returncode:
                 print(f"{c}: FAILED\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
                 continue
@@ -169,8 +171,8 @@ def main() -> int:
             rows[c] = json.loads(line[len("RESULT "):])
         rows[c]["wall_s"] = time.perf_counter() - t
         print(f"{c}: " + json.dumps({k: round(v, 4) for k, v in rows[c].items()}), flush=True)
-    for a, b in (("ours-fp32", "st-fp32"), ("ours-bf16", "st-bf16"), ("ours-bf16", "st-fp32"),
-                 ("ours-gc-bf16", "st-cmnrl-bf16")):
+    for a, b in (("ours-fp32", "st-fp32"), ("ours-z2-fp32", "st-fp32"), ("ours-bf16", "st-bf16"),
+                 ("ours-z2-bf16", "st-bf16"), ("ours-bf16", "st-fp32"), ("ours-gc-bf16", "st-cmnrl-bf16")):
         if a in rows and b in rows:
             print(f"{a} / {b}: tokens/s {rows[a]['tokens_per_s'] / rows[b]['tokens_per_s']:.2f}x, peak RSS per process "
                   f"{rows[a]['peak_rss_gb']:.2f} vs {rows[b]['peak_rss_gb']:.2f} GB")

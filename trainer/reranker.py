@@ -20,7 +20,7 @@ from data_pipeline.typed_config import from_dict
 
 from .checkpoint import EXPORT_INFO
 from .chunking import plan_chunks
-from .model import embed, is_causal
+from .model import embed, is_causal, native_bf16
 
 
 class NotAnExport(ValueError):
@@ -28,15 +28,9 @@ class NotAnExport(ValueError):
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware multiplies it natively (GPU; CPUs with AMX/AVX512-BF16, ~6x the fp32 matmul rate
-    here), else fp32. Embeddings and similarities are fp32 either way (trainer/model.py embed)."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+    """bf16 where the hardware multiplies it natively (trainer/model.py native_bf16), else fp32. Embeddings and
+    similarities are fp32 either way."""
+    return torch.bfloat16 if native_bf16(device.type == "cuda") else torch.float32
 
 
 class Reranker:

@@ -1,0 +1,123 @@
+"""Documents/s of the Reranker (the evaluation and inference path), before and after, in the same run, and NDCG@10
+of fp32 vs bf16 on SciFact test.
+
+    python bench/inference_throughput.py [--docs 200] [--baseline-rev 0966aa4] [--ndcg-queries 30]
+
+- before: the Reranker at `--baseline-rev` (a git worktree of that commit; fp32, as it loaded models), same docs;
+- after: this tree, fp32 and bf16 (auto picks bf16 on CPUs with AMX/AVX512-BF16);
+- quality: retrieval and listwise NDCG@10 of the base model on the first `--ndcg-queries` SciFact test queries
+  (BM25 top-100), fp32 vs bf16, with a paired t-test over queries.
+Model: SmolLM2-135M (last-token pooling), documents cut to 512 tokens, every core of this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MEASURE = r"""
+import json, os, sys, time, torch
+torch.set_num_threads(os.cpu_count())
+from data_pipeline.beir import load_corpus
+from data_pipeline.text import TokenizationConfig
+from trainer.reranker import Reranker
+corpus = load_corpus(sys.argv[1])
+docs = [corpus[d] for d in sorted(corpus)[: int(sys.argv[2])]]
+kw = {} if sys.argv[4] == "legacy" else {"dtype": sys.argv[4]}
+r = Reranker.from_base(sys.argv[3], pooling="last", tokenization=TokenizationConfig(tokenizer=sys.argv[3], doc_max_len=512), **kw)
+r.embed(docs[:8])
+t = time.perf_counter()
+e = r.embed(docs)
+dt = time.perf_counter() - t
+print("RESULT " + json.dumps({"docs_per_s": len(docs) / dt, "seconds": dt}))
+"""
+
+
+def measure(cwd: Path, corpus: Path, n: int, model: str, dtype: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": str(os.cpu_count())}
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(corpus), str(n), model, dtype], cwd=cwd, env=env,
+                       capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(r.stderr[-3000:])
+    return json.loads(line[7:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=os.environ.get("E2RANK_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--model", default="pypi:smollm2-135m")
+    ap.add_argument("--docs", type=int, default=200)
+    ap.add_argument("--baseline-rev", default="0966aa4")
+    ap.add_argument("--ndcg-queries", type=int, default=30)
+    args = ap.parse_args()
+    data = Path(args.data) / "scifact"
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        wt = Path(tmp) / "base"
+        subprocess.run(["git", "worktree", "add", "--detach", str(wt), args.baseline_rev], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            rows[f"before ({args.baseline_rev}, fp32)"] = measure(wt, data / "corpus.jsonl", args.docs, args.model, "legacy")
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+    for dt in ("fp32", "bf16"):
+        rows[f"after ({dt})"] = measure(ROOT, data / "corpus.jsonl", args.docs, args.model, dt)
+    base = next(iter(rows.values()))["docs_per_s"]
+    for k, v in rows.items():
+        print(f"{k}: {v['docs_per_s']:.2f} documents/s ({v['docs_per_s'] / base:.2f}x before)", flush=True)
+
+    if args.ndcg_queries:
+        import numpy as np
+        import torch
+        from scipy.stats import ttest_rel
+
+        from data_pipeline.instructions import InstructionTable
+        from data_pipeline.text import TokenizationConfig
+        from trainer.evaluation import evaluate, load_beir
+        from trainer.reranker import Reranker
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        es = load_beir(data, "test", data / "runs" / "bm25.top100.test.trec")
+        keep = sorted(es.run)[: args.ndcg_queries]
+        es.run = {q: es.run[q] for q in keep}
+        ins = InstructionTable.load().lookup("scifact", False)
+        tok = TokenizationConfig(tokenizer=args.model, doc_max_len=512, prompt_max_len=2048)
+        per = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for dt in ("fp32", "bf16"):
+                r = Reranker.from_base(args.model, pooling="last", tokenization=tok, dtype=dt)
+                res = evaluate(r, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,
+                               out_dir=Path(tmp), tag=dt, progress=False)
+                per[dt] = {m: per_query_ndcg(es.qrels, Path(tmp) / f"{es.name}.{dt}.{m}.trec") for m in
+                           ("retrieval", "listwise")}
+                print(f"NDCG@10 {dt}: retrieval {res['retrieval']['NDCG@10']:.4f} listwise {res['listwise']['NDCG@10']:.4f}"
+                      f" ({len(es.run)} queries)", flush=True)
+        for m in ("retrieval", "listwise"):
+            a = np.array([per["fp32"][m][q] for q in sorted(per["fp32"][m])])
+            b = np.array([per["bf16"][m][q] for q in sorted(per["fp32"][m])])
+            p = ttest_rel(a, b).pvalue if np.any(a != b) else 1.0
+            print(f"{m}: bf16 - fp32 = {b.mean() - a.mean():+.4f} NDCG@10, paired t-test p = {p:.3f}")
+    return 0
+
+
+def per_query_ndcg(qrels, run_file: Path) -> dict[str, float]:
+    import pytrec_eval
+
+    run: dict[str, dict[str, float]] = {}
+    for line in run_file.read_text().splitlines():
+        q, _, d, _, s, _ = line.split()
+        run.setdefault(q, {})[d] = float(s)
+    return {q: v["ndcg_cut_10"] for q, v in pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run).items()}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
