@@ -35,7 +35,11 @@ def main(argv=None) -> int:
 
     import torch
 
+    from .memory import cap_allocator_growth
+
     torch.set_num_threads(os.cpu_count() or 1)  # one process: every core (OMP_NUM_THREADS=1 is for training ranks)
+    if not torch.cuda.is_available():
+        cap_allocator_growth()
     try:
         data = Path(args.data)
         if data.suffix == ".json":

@@ -27,7 +27,7 @@ from . import distributed as D
 from .chunking import ChunkStats
 from .config import TrainConfig
 from .grad_cache import CachedStep
-from .memory import GB, Estimate, advice, available_bytes, estimate
+from .memory import GB, Estimate, advice, available_bytes, cap_allocator_growth, estimate
 from .model import Encoder, load_backbone, resolve_precision
 from .objective import compute
 from .tracking import Tracker
@@ -151,6 +151,7 @@ class Trainer:
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.prec = resolve_precision(cfg.model, cuda)
+        self.malloc_capped = not cuda and cap_allocator_growth()  # before the model and activations exist
         torch.manual_seed(cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -220,7 +221,7 @@ class Trainer:
                      "negatives_per_query": cfg.loader.batch_size * self.world * g - 1, "params": self.n_params,
                      "global_batch": cfg.loader.batch_size * self.world * cfg.loader.grad_accum,
                      "grad_cache": cfg.encode.grad_cache, "chunk_tokens": cfg.encode.chunk_tokens,
-                     "memory_estimate_gb": round(self.memory.total / GB, 2),
+                     "memory_estimate_gb": round(self.memory.total / GB, 2), "malloc_mmap_capped": self.malloc_capped,
                      "batches_per_epoch": len(self.loader), "dropped_per_epoch": self.loader.dropped_per_epoch,
                      "peak_flops_per_device": round(self.peak), "resumed_from": self.resumed_from or ""}
         log.info("[train] " + " ".join(f"{k}={v}" for k, v in self.info.items()))

