@@ -25,18 +25,21 @@ def test_plan_covers_every_sequence_once_within_budget():
     for c in chunks:
         width = -(-int(lengths[c].max()) // 8) * 8
         assert len(c) == 1 or len(c) * width <= 2048
+        assert len(c) == 1 or lengths[c].sum() >= 0.95 * len(c) * width  # the efficiency floor holds per chunk
     assert lengths[flat].tolist() == sorted(lengths.tolist(), reverse=True)  # longest first
     real = lengths.sum()
     padded = sum(len(c) * (-(-int(lengths[c].max()) // 8) * 8) for c in chunks)
     whole = len(lengths) * (-(-int(lengths.max()) // 8) * 8)
-    assert real / padded > 0.9 > 0.6 > real / whole  # the padded batch wastes most of its tokens; the chunks do not
+    assert real / padded > 0.95 > 0.6 > real / whole  # the padded batch wastes most of its tokens; the chunks do not
 
 
 def test_plan_to_an_exact_chunk_count_and_refusals():
     lengths = [5, 300, 7, 290, 6, 8]
-    greedy = plan_chunks(lengths, budget=1024)
+    greedy = plan_chunks(lengths, budget=1024, min_efficiency=0.0)
     assert len(greedy) == 2  # the two long ones, then the four short ones
-    five = plan_chunks(lengths, budget=1024, n_chunks=5)
+    floor = plan_chunks(lengths, budget=1024, multiple=1)  # 300+290 (590/600); 8+7 would be 15/16 < 0.95
+    assert [sorted(lengths[i] for i in c) for c in floor] == [[290, 300], [8], [7], [6], [5]]
+    five = plan_chunks(lengths, budget=1024, n_chunks=5, min_efficiency=0.0)
     assert len(five) == 5 and sorted(np.concatenate(five).tolist()) == list(range(6))
     assert len(plan_chunks(lengths, budget=0)) == 1
     assert [c.tolist() for c in plan_chunks([700], budget=64)] == [[0]]  # longer than the budget: its own chunk

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .chunking import ChunkStats, chunk_view, plan_synced
+from .chunking import ChunkStats, chunk_view, pad_multiple, plan_synced
 from .config import LossConfig
 from .objective import Encode, fields, loss_terms
 
@@ -35,7 +35,7 @@ def _set_rng_state(s: tuple) -> None:
 
 
 class CachedStep:
-    def __init__(self, encode: Encode, chunk_tokens: int, multiple: int = 8):
+    def __init__(self, encode: Encode, chunk_tokens: int, multiple: int | None = None):
         if chunk_tokens <= 0:
             raise ValueError("GradCache needs a chunk size: encode.chunk_tokens > 0")
         self.encode, self.chunk_tokens, self.multiple = encode, chunk_tokens, multiple
@@ -49,9 +49,10 @@ class CachedStep:
         with torch.no_grad():
             for f in fields(stage):
                 ids, mask = batch[f"{f}_input_ids"], batch[f"{f}_attention_mask"]
+                multiple = self.multiple or pad_multiple(ids)
                 parts, order = [], []
-                for idx in plan_synced(mask, self.chunk_tokens, self.multiple):
-                    cids, cmask = chunk_view(ids, mask, idx, self.multiple)
+                for idx in plan_synced(mask, self.chunk_tokens, multiple):
+                    cids, cmask = chunk_view(ids, mask, idx, multiple)
                     rng = _rng_state()
                     parts.append(self.encode(cids, cmask))
                     order.append(idx)
