@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=200)
     ap.add_argument("--baseline-rev", default="0966aa4")
     ap.add_argument("--ndcg-queries", type=int, default=30)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], help="this tree's precisions to measure")
     args = ap.parse_args()
     data = Path(args.data) / "scifact"
     rows = {}
@@ -69,7 +70,7 @@ def main() -> int:
             rows[f"before ({args.baseline_rev}, fp32)"] = measure(wt, data / "corpus.jsonl", args.docs, args.model, "legacy")
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
-    for dt in ("fp32", "bf16"):
+    for dt in args.dtypes:
         rows[f"after ({dt})"] = measure(ROOT, data / "corpus.jsonl", args.docs, args.model, dt)
     base = next(iter(rows.values()))["docs_per_s"]
     for k, v in rows.items():
