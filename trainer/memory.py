@@ -73,7 +73,8 @@ def advice(est: Estimate, grad_ckpt: bool, grad_cache: bool) -> str:
         tips.append("a smaller loader.batch_size (with loader.grad_accum to keep the global batch)")
     if est.optimizer > 0.3 * est.total:
         tips.append("deepspeed.offload_optimizer=true or more ranks")
-    return "; ".join(tips) or "more memory per rank"
+    return "; ".join(tips) or ("a smaller loader.batch_size (with loader.grad_accum to keep the global batch), or more "
+                               "memory per rank")
 
 
 def cap_allocator_growth(threshold: int = 4 << 20) -> bool:
