@@ -182,7 +182,6 @@ class Trainer:
                                run_id, self.rank == 0)
         self.peak = cfg.run.peak_flops or measure_peak_flops(self.prec.dtype, self.device)
         self.skipped = self.bad_in_row = 0
-        self.encoded = ChunkStats()  # what the backbone computed on, over the run (padding efficiency)
         self._log_start()
 
     # -- setup helpers ---------------------------------------------------------------------------------------------
@@ -293,8 +292,6 @@ class Trainer:
     # -- metrics, evaluation ---------------------------------------------------------------------------------------
     def metrics(self, out: dict[str, Any], dt: float) -> dict[str, float]:
         s, st = out["sums"], out["stats"]
-        self.encoded.real += st.real
-        self.encoded.padded += st.padded
         real = D.mean_across(torch.tensor(float(st.real))).item() * self.world
         padded = D.mean_across(torch.tensor(float(st.padded))).item() * self.world
         # MFU on real tokens (padding is not useful work); 6 x params per token for forward + backward; GradCache's
