@@ -173,10 +173,10 @@ class ShardBuilder:
         q_ids, q_cut = enc.encode_queries_flagged(q_text, q_instr)
         if cfg.kind == "contrastive":
             docs = [list(r.positives) + list(r.negatives) for _, _, r, _ in good]
-            rankings = [None] * len(good)
+            rankings = levels = [None] * len(good)
             prompts = [None] * len(good)
         else:
-            docs, rankings = [], []
+            docs, rankings, levels = [], [], []
             for idx, _, r, _ in good:
                 order = list(range(len(r.documents)))
                 if cfg.shuffle_candidates:
@@ -184,12 +184,13 @@ class ShardBuilder:
                 inv = {old: new for new, old in enumerate(order)}
                 docs.append([r.documents[o] for o in order])
                 rankings.append([inv[x] for x in r.ranking])
+                levels.append(None if r.levels is None else [r.levels[o] for o in order])
             lengths["prompt"] = []
             prompts = enc.encode_listwise_safe(q_text, docs, [ins.rerank for _, _, _, ins in good])
         flat = [d for ds in docs for d in ds]
         d_ids, d_cut = enc.encode_documents_flagged(flat)
         samples, pos = [], 0
-        for (idx, origin, rec, _), qi, qc, ds, rk, pr in zip(good, q_ids, q_cut, docs, rankings, prompts):
+        for (idx, origin, rec, _), qi, qc, ds, rk, lv, pr in zip(good, q_ids, q_cut, docs, rankings, levels, prompts):
             di, dc = d_ids[pos : pos + len(ds)], d_cut[pos : pos + len(ds)]
             pos += len(ds)
             if isinstance(pr, BadRecord):
@@ -208,6 +209,8 @@ class ShardBuilder:
             else:
                 arrays["prompt_ids"], cut = pr
                 arrays["ranking"] = np.asarray(rk)
+                if lv is not None:
+                    arrays["levels"] = np.asarray(lv)
                 meta["prompt_docs_cut"] = cut
                 lengths["prompt"].append(len(arrays["prompt_ids"]))
                 truncated["prompt_docs"] += cut

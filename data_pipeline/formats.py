@@ -55,6 +55,9 @@ class ListwiseRecord:
     documents: tuple[str, ...]
     ranking: tuple[int, ...]  # 0-based document indices, teacher's best first
     source: str | None
+    # graded records without a ranking: per document, its grade's level (0 = best grade). RankNet pairs only
+    # documents on different levels, so tied grades add no pair. None = the ranking is a full order.
+    levels: tuple[int, ...] | None = None
 
 
 def decode_line(raw: bytes, max_record_bytes: int) -> dict[str, Any]:
@@ -134,31 +137,60 @@ def parse_contrastive(obj: dict) -> ContrastiveRecord:
     return ContrastiveRecord(query, positives, unique, _source(obj), instruction, len(negatives) - len(unique))
 
 
+def _relevance(obj: dict, n: int) -> tuple[float, ...]:
+    rel = obj["relevance"]
+    if not isinstance(rel, list) or not all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in rel):
+        raise BadRecord("wrong_type", "field 'relevance' must be a list of numbers (a grade per document)")
+    if len(rel) != n:
+        raise BadRecord("bad_ranking", f"relevance has {len(rel)} grades for {n} documents")
+    if any(g != g or g in (float("inf"), float("-inf")) for g in rel):
+        raise BadRecord("wrong_type", "field 'relevance' holds NaN or infinity")
+    if len(set(rel)) < 2:
+        raise BadRecord("bad_ranking", f"every document has grade {rel[0]}: no pair to learn from")
+    return tuple(float(g) for g in rel)
+
+
 def parse_listwise(obj: dict) -> ListwiseRecord:
-    """The released E2Rank format {query, document:[K], ranking:[1-based permutation, best first], source?}."""
+    """The released E2Rank format {query, document:[K], ranking:[1-based permutation, best first], source?}, or a
+    graded record {query, document:[K], relevance:[grade per document], ranking?}: with grades only, RankNet learns
+    from the pairs whose grades differ; with both, the ranking orders documents inside each grade and must agree
+    with the grades."""
     query = _text(obj, "query")
     docs = _texts(obj, "document", allow_empty_list=False)
     if isinstance(obj["document"], str):
         raise BadRecord("wrong_type", "field 'document' must be a list of candidate strings")
     if len(docs) < 2:
         raise BadRecord("bad_ranking", f"a listwise record needs at least 2 documents, got {len(docs)}")
-    if "ranking" not in obj or obj["ranking"] is None:
-        raise BadRecord("missing_field", "field 'ranking' is missing")
-    ranking = obj["ranking"]
-    if not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
-        raise BadRecord("wrong_type", "field 'ranking' must be a list of integers")
-    if sorted(ranking) != list(range(1, len(docs) + 1)):
-        raise BadRecord(
-            "bad_ranking", f"ranking {ranking} is not a permutation of 1..{len(docs)} (1-based document numbers)"
-        )
+    has_rank = obj.get("ranking") is not None
+    rel = _relevance(obj, len(docs)) if obj.get("relevance") is not None else None
+    if not has_rank and rel is None:
+        raise BadRecord("missing_field", "field 'ranking' (a permutation) or 'relevance' (a grade per document) is missing")
+    if has_rank:
+        ranking = obj["ranking"]
+        if not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
+            raise BadRecord("wrong_type", "field 'ranking' must be a list of integers")
+        if sorted(ranking) != list(range(1, len(docs) + 1)):
+            raise BadRecord(
+                "bad_ranking", f"ranking {ranking} is not a permutation of 1..{len(docs)} (1-based document numbers)"
+            )
     if len(set(docs)) != len(docs):
         seen: set[str] = set()
         dups = [i for i, d in enumerate(docs) if d in seen or seen.add(d)]
         raise BadRecord("duplicate_candidates", f"document{dups} repeat an earlier candidate")
-    return ListwiseRecord(query, docs, tuple(r - 1 for r in ranking), _source(obj))
+    if has_rank:
+        order = tuple(r - 1 for r in ranking)
+        if rel is not None:
+            for a, b in zip(order, order[1:]):
+                if rel[a] < rel[b]:
+                    raise BadRecord("bad_ranking", f"ranking puts document {a + 1} (grade {rel[a]:g}) above document "
+                                                   f"{b + 1} (grade {rel[b]:g})")
+        return ListwiseRecord(query, docs, order, _source(obj))
+    order = tuple(sorted(range(len(docs)), key=lambda i: -rel[i]))  # stable: ties keep the stored order
+    grades = sorted(set(rel), reverse=True)
+    return ListwiseRecord(query, docs, order, _source(obj), tuple(grades.index(g) for g in rel))
 
 
 def unknown_keys(obj: dict, kind: str) -> list[str]:
     known = {"query", "source", "instruction", "prompt"} | _IGNORED_KEYS
-    known |= {"pos", "neg", "positive", "negative"} if kind == "contrastive" else {"document", "ranking"}
+    known |= {"pos", "neg", "positive", "negative"} if kind == "contrastive" else {"document", "ranking", "relevance"}
     return sorted(set(obj) - known)

@@ -135,6 +135,7 @@ class _Collator:
             K = self.slate
             cand_mask = torch.zeros((len(samples), K), dtype=torch.bool)
             ranking = torch.full((len(samples), K), -1, dtype=torch.long)
+            levels = torch.full((len(samples), K), K, dtype=torch.long)  # RankNet: i beats j iff level_i < level_j
             filler = np.asarray([self.pad_id], np.int32)
             for b, s in enumerate(samples):
                 ds = docs_of(s)
@@ -144,8 +145,12 @@ class _Collator:
                 hashes += list(s["doc_hash"]) + [0] * (K - len(ds))
                 cand_mask[b, : len(ds)] = True
                 ranking[b, : len(ds)] = torch.from_numpy(s["ranking"].astype(np.int64))
+                if "levels" in s:  # graded: tied grades share a level
+                    levels[b, : len(ds)] = torch.from_numpy(s["levels"].astype(np.int64))
+                else:  # a full order: the level is the rank
+                    levels[b, ranking[b, : len(ds)]] = torch.arange(len(ds))
             out["docs_per_query"] = K
-            extra = {"cand_mask": cand_mask, "ranking": ranking}
+            extra = {"cand_mask": cand_mask, "ranking": ranking, "levels": levels}
             out["prompt_input_ids"], out["prompt_attention_mask"] = left_pad(
                 [s["prompt_ids"] for s in samples], self.pad_id, m
             )

@@ -42,6 +42,13 @@ FIELDS = {
 }
 
 
+# Fields a sample carries only when its record has them.
+OPTIONAL = {
+    "contrastive": {},
+    "listwise": {"levels": np.int16},  # graded records: per candidate, its grade's level (0 = best); ties add no pair
+}
+
+
 class ShardFormatError(ValueError):
     pass
 
@@ -83,7 +90,7 @@ def _tar_header(name: str, size: int) -> bytes:
 def encode_sample(key: str, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> list[tuple[str, bytes]]:
     if "." in key or "/" in key:
         raise ShardFormatError(f"sample key {key!r} must not contain '.' or '/'")
-    spec = FIELDS[kind]
+    spec = {**FIELDS[kind], **{f: t for f, t in OPTIONAL[kind].items() if f in arrays}}
     if set(arrays) != set(spec):
         raise ShardFormatError(f"{kind} sample {key} needs fields {sorted(spec)}, got {sorted(arrays)}")
     out = [(f"{key}.{f}.npy", _npy(np.ascontiguousarray(arrays[f], dtype=spec[f]))) for f in sorted(spec)]

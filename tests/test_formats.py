@@ -26,6 +26,13 @@ def test_contrastive_duplicate_negatives_are_dropped_not_the_record():
     assert r.negatives == ("n", "m") and r.duplicate_negatives == 1
 
 
+def test_graded_listwise_records():
+    r = parse_listwise({"query": "q", "document": ["a", "b", "c", "d"], "relevance": [0, 2, 0, 1]})
+    assert r.ranking == (1, 3, 0, 2) and r.levels == (2, 0, 2, 1)  # ties keep the stored order, share a level
+    both = parse_listwise({"query": "q", "document": ["a", "b", "c"], "relevance": [1, 0, 1], "ranking": [3, 1, 2]})
+    assert both.ranking == (2, 0, 1) and both.levels is None  # the ranking orders inside a grade: a full order
+
+
 def test_listwise_ranking_becomes_zero_based():
     r = parse_listwise({"query": "q", "document": ["a", "b", "c"], "ranking": [2, 3, 1], "source": "msmarco"})
     assert r.ranking == (1, 2, 0) and r.documents == ("a", "b", "c")
@@ -71,6 +78,11 @@ def test_contrastive_reasons(obj, expected):
         ({"query": "q", "document": "a", "ranking": [1]}, "wrong_type"),
         ({"query": "q", "document": ["a", ""], "ranking": [1, 2]}, "empty_text"),
         ({"query": "q", "document": ["a", "b"], "ranking": ["1", "2"]}, "wrong_type"),
+        ({"query": "q", "document": ["a", "b"], "relevance": [1, 1]}, "bad_ranking"),  # no pair to learn from
+        ({"query": "q", "document": ["a", "b"], "relevance": [1]}, "bad_ranking"),
+        ({"query": "q", "document": ["a", "b"], "relevance": [1, True]}, "wrong_type"),
+        ({"query": "q", "document": ["a", "b"], "relevance": "1 0"}, "wrong_type"),
+        ({"query": "q", "document": ["a", "b"], "relevance": [0, 1], "ranking": [1, 2]}, "bad_ranking"),
     ],
 )
 def test_listwise_reasons(obj, expected):

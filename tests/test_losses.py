@@ -55,6 +55,18 @@ def test_ranknet_padding_and_per_query_mean():
     assert got == pytest.approx((math.log(1 + math.exp(-1)) + q2) / 2)
 
 
+def test_ranknet_levels_add_no_pair_between_ties():
+    p = t([[1.0, 0.0]])
+    c = t([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]])  # s = [1, 0, 0.6]
+    mask = torch.tensor([[True, True, True]])
+    levels = torch.tensor([[0, 1, 1]])  # one relevant, two tied non-relevant: pairs (0>1), (0>2) only
+    want = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-0.4))) / 2
+    got = ranknet(p, c, torch.tensor([[0, 1, 2]]), mask, scale=1.0, levels=levels).item()
+    assert got == pytest.approx(want)
+    full = ranknet(p, c, torch.tensor([[0, 1, 2]]), mask, scale=1.0).item()  # the same slate as a full order
+    assert full != pytest.approx(want)
+
+
 def test_ranknet_rank_sum_weighting():
     p, c = t([[1.0, 0.0]]), t([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]])
     s = [1.0, 0.0, 0.6]

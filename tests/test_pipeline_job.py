@@ -17,6 +17,7 @@ import pytest
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.job import PipelineError, run
+from data_pipeline.loader import LoaderConfig, ShardLoader
 from data_pipeline.pretrained import load_tokenizer
 from data_pipeline.shards import ShardReader, docs_of, read_manifest
 from data_pipeline.text import TokenizationConfig
@@ -101,6 +102,25 @@ def test_listwise_round_trip_shuffles_slates_and_remaps_ranking(ray_local, tmp_p
         assert all(f"[{k + 1}] {d}" in prompt for k, d in enumerate(docs))  # prompt lists the stored order
         assert prompt.rstrip().endswith("<|im_start|>assistant")
     assert moved >= 8  # shuffled: the position of a candidate does not reveal its rank
+
+
+def test_graded_slates_keep_their_levels_through_the_shuffle(ray_local, tmp_path):
+    rows = [{"query": f"question {i}", "document": [f"passage {i}-{j} grade {g}" for j, g in enumerate((0, 2, 0, 1, 0))],
+             "relevance": [0, 2, 0, 1, 0], "source": "msmarco"} for i in range(8)]
+    rows.append({"query": "flat", "document": ["x", "y"], "relevance": [1, 1], "source": "msmarco"})
+    c = cfg(tmp_path, "listwise", [write_jsonl(tmp_path / "g.jsonl", rows)], samples_per_shard=4,
+            max_bad_fraction=0.5)
+    m = run(c, log=lambda *_: None)
+    assert m["totals"]["samples"] == 8 and m["quarantine"] == {"bad_ranking": 1}
+    tok = load_tokenizer(TOK.tokenizer)
+    for s in all_samples(Path(c.output)):
+        docs = [tok.decode(d[:-1]) for d in docs_of(s)]
+        grades = [int(d.split()[-1]) for d in docs]
+        assert [2 - g for g in grades] == s["levels"].tolist()  # level 0 = the best grade, ties share one
+        assert grades[s["ranking"][0]] == 2
+    loader = ShardLoader(Path(c.output), LoaderConfig(batch_size=2), rank=0, world_size=1)
+    b = next(iter(loader))
+    assert sorted(b["levels"][0].tolist()) == [0, 1, 2, 2, 2]
 
 
 def test_bad_records_are_quarantined_with_file_line_reason(ray_local, tmp_path):

@@ -63,17 +63,24 @@ def ranknet(
     *,
     scale: float,
     pair_weighting: str = "none",
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RankNet over every ordered pair of a slate: prompt [B, D], cands [B, K, D], ranking [B, K] (candidate indices,
     teacher's best first, -1 padding), cand_mask [B, K]. Logits = scale * cos. For each pair (i better than j):
-    log(1 + exp(-(s_i - s_j))); mean over a query's pairs, then over queries."""
+    log(1 + exp(-(s_i - s_j))); mean over a query's pairs, then over queries.
+
+    levels [B, K] (optional): each candidate's preference level (0 = best); i beats j iff level_i < level_j, so
+    graded slates (qrels) add no pair between equal grades. Without it the level is the rank in `ranking`."""
     s = scale * torch.einsum("bd,bkd->bk", prompt.float(), cands.float())
     k = cands.shape[1]
     # rank position of every candidate (0 = best); padding gets k (worse than all, but masked below)
-    pos = torch.full_like(ranking, k)
-    rows = torch.arange(ranking.shape[0], device=ranking.device).unsqueeze(1).expand_as(ranking)
-    valid_r = ranking >= 0
-    pos[rows[valid_r], ranking[valid_r]] = torch.arange(k, device=ranking.device).expand_as(ranking)[valid_r]
+    if levels is not None:
+        pos = levels
+    else:
+        pos = torch.full_like(ranking, k)
+        rows = torch.arange(ranking.shape[0], device=ranking.device).unsqueeze(1).expand_as(ranking)
+        valid_r = ranking >= 0
+        pos[rows[valid_r], ranking[valid_r]] = torch.arange(k, device=ranking.device).expand_as(ranking)[valid_r]
     better = pos.unsqueeze(2) < pos.unsqueeze(1)  # [B, i, j]: i ranked above j
     pair = better & cand_mask.unsqueeze(2) & cand_mask.unsqueeze(1)
     diff = s.unsqueeze(2) - s.unsqueeze(1)

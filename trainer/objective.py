@@ -53,7 +53,8 @@ def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, 
     out = {"infonce": nce.loss, "accuracy": nce.accuracy, "masked_negatives": nce.masked.float()}
     if stage == 2:
         rk = ranknet(emb["prompt"], d.view(b, g, -1), batch["ranking"].to(q.device), batch["cand_mask"].to(q.device),
-                     scale=cfg.ranknet_scale, pair_weighting=cfg.ranknet_pair_weighting)
+                     scale=cfg.ranknet_scale, pair_weighting=cfg.ranknet_pair_weighting,
+                     levels=batch["levels"].to(q.device) if "levels" in batch else None)
         out["ranknet"] = rk
         out["loss"] = nce.loss + cfg.ranknet_weight * rk
     else:
