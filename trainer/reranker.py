@@ -7,6 +7,7 @@ So a prompt built here is byte-for-byte the prompt the model was trained on.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,17 +15,36 @@ import numpy as np
 import torch
 
 from data_pipeline.loader import left_pad
-from data_pipeline.pretrained import load_tokenizer, resolve
-from data_pipeline.text import TextEncoder, TokenizationConfig
+from data_pipeline.pretrained import load_tokenizer, native_query_template, resolve
+from data_pipeline.text import QUERY_TEMPLATE, TextEncoder, TokenizationConfig
 from data_pipeline.typed_config import from_dict
 
 from .checkpoint import EXPORT_INFO
 from .chunking import plan_chunks
 from .model import embed, is_causal, native_bf16
 
+log = logging.getLogger("e2rank")
+LENGTHS = ("query_max_len", "doc_max_len", "prompt_max_len")
+
 
 class NotAnExport(ValueError):
     pass
+
+
+def clamp_lengths(tok_cfg: TokenizationConfig, max_positions: int | None) -> TokenizationConfig:
+    """Token limits that fit the model's position table (a 512-position encoder cannot read a 2048-token prompt):
+    each limit above it is lowered to it, with a warning."""
+    if not max_positions:
+        return tok_cfg
+    over = {k: getattr(tok_cfg, k) for k in LENGTHS if getattr(tok_cfg, k) > max_positions}
+    if not over:
+        return tok_cfg
+    log.warning("the model has %d positions: lowering %s to %d", max_positions,
+                ", ".join(f"{k}={v}" for k, v in over.items()), max_positions)
+    d = {**tok_cfg.__dict__, **{k: max_positions for k in over}}
+    if d["prompt_max_len"] <= d["query_max_len"]:
+        d["query_max_len"] = d["prompt_max_len"] // 2
+    return from_dict(TokenizationConfig, d)
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
@@ -48,6 +68,7 @@ class Reranker:
         self.batch_size = batch_size
         self.chunk_tokens = chunk_tokens
         self.dtype = next(model.parameters()).dtype if model is not None else None
+        self.query_format = "e2rank" if text.cfg.query_template == QUERY_TEMPLATE else text.cfg.query_template
         self.forward_calls = 0  # sequences encoded (tests check that cached documents are not re-encoded)
         self._doc_cache: dict[str, np.ndarray] = {}
 
@@ -66,12 +87,24 @@ class Reranker:
         return cls._load(str(p), tok_cfg, info["pooling"], **kw)
 
     @classmethod
-    def from_base(cls, path: str, pooling: str = "last", tokenization: TokenizationConfig | None = None, **kw):
-        """A plain model (the zero-shot baseline), with the same text contract as training."""
+    def from_base(cls, path: str, pooling: str = "last", tokenization: TokenizationConfig | None = None,
+                  query_format: str = "native", **kw):
+        """A plain model (the zero-shot baseline), with the same text contract as training. query_format: `e2rank`
+        (the instruction format training uses), `native` (the model's own: pretrained.py native_query_template) or
+        `plain` (the bare query)."""
         folder = str(resolve(path, weights=True))
         tok_cfg = tokenization or TokenizationConfig()
-        tok_cfg = from_dict(TokenizationConfig, {**tok_cfg.__dict__, "tokenizer": folder})
-        return cls._load(folder, tok_cfg, pooling, **kw)
+        fixed = {"e2rank": QUERY_TEMPLATE, "plain": "{query}"}
+        if query_format not in (*fixed, "native"):
+            raise ValueError(f"query_format must be e2rank, native or plain, got {query_format!r}")
+        template = fixed.get(query_format, QUERY_TEMPLATE)
+        tok_cfg = from_dict(TokenizationConfig, {**tok_cfg.__dict__, "tokenizer": folder, "query_template": template})
+        r = cls._load(folder, tok_cfg, pooling, **kw)
+        r.query_format = query_format
+        if query_format == "native":
+            template, r.query_format = native_query_template(folder, is_causal(r.model))
+            r.text = TextEncoder(r.text.tok, from_dict(TokenizationConfig, {**r.text.cfg.__dict__, "query_template": template}))
+        return r
 
     @classmethod
     def _load(cls, folder: str, tok_cfg: TokenizationConfig, pooling: str, dtype: str = "auto", **kw) -> Reranker:
@@ -81,6 +114,7 @@ class Reranker:
         dev = torch.device(kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         dt = {"auto": inference_dtype(dev), "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dt)
+        tok_cfg = clamp_lengths(tok_cfg, getattr(model.config, "max_position_embeddings", None))
         return cls(model, TextEncoder(load_tokenizer(folder), tok_cfg), pooling, **kw)
 
     # -- encoding ----------------------------------------------------------------------------------------------
