@@ -125,6 +125,31 @@ def metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) 
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def per_query(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], measure: str = "ndcg_cut_10"
+              ) -> dict[str, float]:
+    """One value per judged query (trec_eval semantics), for paired tests."""
+    import pytrec_eval
+
+    name, _, k = measure.rpartition("_")
+    base = f"{name}.{k}" if k.isdigit() else measure
+    res = pytrec_eval.RelevanceEvaluator(qrels, {base}).evaluate(run)
+    return {q: v[measure] for q, v in res.items()}
+
+
+def paired_test(a: dict[str, float], b: dict[str, float], n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
+    """b against a on the queries both scored: mean difference, two-sided paired t-test p-value, and a 95% paired
+    bootstrap interval of the mean difference (queries resampled with replacement)."""
+    from scipy.stats import ttest_rel
+
+    qs = sorted(set(a) & set(b))
+    x, y = np.array([a[q] for q in qs]), np.array([b[q] for q in qs])
+    diff = y - x
+    boot = np.random.default_rng(seed).choice(diff, (n_boot, len(diff)), replace=True).mean(1)
+    p = float(ttest_rel(y, x).pvalue) if np.any(diff != 0) else 1.0
+    return {"queries": len(qs), "mean_a": float(x.mean()), "mean_b": float(y.mean()), "diff": float(diff.mean()),
+            "p_ttest": p, "ci95_low": float(np.quantile(boot, 0.025)), "ci95_high": float(np.quantile(boot, 0.975))}
+
+
 def first_stage_scores(es: EvalSet) -> dict[str, dict[str, float]]:
     return {q: {d: float(len(docs) - i) for i, d in enumerate(docs)} for q, docs in es.run.items()}
 
