@@ -101,13 +101,15 @@ class Runner:
         overrides = [f"stage={stage}", f"shards={self.out / shards}", f"model.path={init}", f"run.output_dir={folder}",
                      "model.pooling=last", "model.dtype=auto", f"model.gradient_checkpointing={a.grad_ckpt}",
                      f"run.seed={seed}", f"run.max_steps={steps}", f"run.save_every={steps}", "run.log_every=1",
-                     f"run.global_batch_size={batch}", f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 10)}",
+                     f"run.global_batch_size={batch}", f"optim.lr={lr}", f"optim.warmup_steps={max(1, int(steps * a.warmup))}",
                      f"loss.temperature={a.temperature}", "loader.negatives_per_query=3",
                      f"eval.data={dev}", "eval.split=dev", f"eval.run={dev / 'runs' / 'bm25.dev.trec'}",
                      "eval.source=scifact", f"eval.every={a.eval_every}", f"eval.max_queries={a.dev_queries}",
                      f"deepspeed.zero_stage={a.zero_stage}", f"tracking.experiment={a.experiment}",
                      f"tracking.run_name={name}", f"encode.chunk_tokens={a.chunk_tokens}"]
         overrides.append(f"tracking.tracking_uri={tracking_uri(a)}")
+        if a.profile_step and name == f"stage1-seed{a.seeds[0]}":
+            overrides.append(f"run.profile_step={a.profile_step}")
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
                "-m", "trainer", *overrides]
@@ -329,6 +331,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-ckpt", default="false")
     ap.add_argument("--train-deadline", type=float, default=0, help="seconds after which `run` starts no training")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which `run` starts nothing new")
+    ap.add_argument("--profile-step", type=int, default=0, help="profile this step of the first stage-1 run")
+    ap.add_argument("--warmup", type=float, default=0.25, help="warmup steps as a share of each run's steps")
     ap.add_argument("--experiment", default="e2rank-scifact-proof")
     ap.add_argument("--tracking-uri", default="")
     args = ap.parse_args(argv)

@@ -65,6 +65,7 @@ class RunConfig:
     max_bad_steps: int = 3  # NaN/Inf losses in a row before training stops with an error
     export: bool = True  # consolidated Hugging Face folder at the end
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul of the training dtype at start
+    profile_step: int = 0  # >0: run this step under torch.profiler; top operators -> profile.txt
     global_batch_size: int = 0  # if set: loader.batch_size = global / (world x grad_accum), which must divide
 
 

@@ -46,6 +46,22 @@ class Plan:
     fingerprint: str
 
 
+class PhaseClock:
+    """Seconds per phase of a step (data, forward, backward, optimizer), device-synchronised at each lap so GPU time
+    lands in the phase that queued it."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.t
+        self.t = now
+
+
 def preflight(cfg: TrainConfig, world_size: int) -> Plan:
     """Checks that need no process group: model path, shards vs tokenizer, batch divisibility."""
     try:
@@ -250,13 +266,16 @@ class Trainer:
         stats = ChunkStats()
         samples = done = 0
         stepped = False
+        clock = PhaseClock(self.device)
         for a in range(accum):
             last = a == accum - 1
             batch = _to(next(batches), self.device)
+            clock.lap("data")
             if self.cache:
                 terms = self.cache.forward(batch, cfg.stage, cfg.loss, stats)
             else:
                 terms = compute(self.engine, batch, cfg.stage, cfg.loss, cfg.encode.chunk_tokens, stats)
+            clock.lap("forward")
             if D.mean_across(torch.isfinite(terms["loss"]).float()).item() < 1.0:  # any rank: all skip, in step
                 self._skip(terms)
                 continue
@@ -265,6 +284,7 @@ class Trainer:
                 self.cache.backward(lambda s, end, last=last: self._backward(s, last and end))
             else:
                 self._backward(terms["loss"], last)
+            clock.lap("backward")
             stepped = last
             done += 1
             for k, v in terms.items():
@@ -274,9 +294,27 @@ class Trainer:
             return None
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
+        clock.lap("optimizer")
         if not stepped:  # the last micro-batch was skipped: its backward never told DeepSpeed "boundary"
             log.warning("[train] step %d: optimizer step on %d of %d micro-batches", self.step + 1, done, accum)
-        return {"sums": {k: v / done for k, v in sums.items()}, "stats": stats, "samples": samples}
+        return {"sums": {k: v / done for k, v in sums.items()}, "stats": stats, "samples": samples,
+                "phases": clock.seconds}
+
+    def _profiled(self, batches):
+        """One step under torch.profiler (run.profile_step): the top operators by self CPU and by device time go to
+        profile.txt in the output folder (rank 0)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            out = self.train_step(batches)
+        if self.rank == 0:
+            ka = prof.key_averages()
+            dev = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            text = "\n\n".join(ka.table(sort_by=k, row_limit=25) for k in ("self_cpu_time_total", dev))
+            (Path(self.cfg.run.output_dir) / "profile.txt").write_text(text)
+            log.info("[train] step %d profiled -> %s", self.step + 1, Path(self.cfg.run.output_dir) / "profile.txt")
+        return out
 
     def _skip(self, terms: dict[str, torch.Tensor]) -> None:
         self.skipped += 1
@@ -309,6 +347,7 @@ class Trainer:
         }
         if "ranknet" in s:
             m["ranknet"] = s["ranknet"]
+        m.update({f"time_{k}_s": v for k, v in out.get("phases", {}).items()})
         return m
 
     def log_line(self, m: dict[str, float]) -> str:
@@ -317,7 +356,8 @@ class Trainer:
             + (f" ranknet {m['ranknet']:.4f}" if "ranknet" in m else "")
             + f") | acc {m['accuracy']:.2f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
             f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s | {m['step_time_s']:.2f}s | "
-            f"mfu {m['mfu']:.1%} | pad-eff {m['padding_efficiency']:.2f} | mem {m['peak_mem_gb']:.2f}GB"
+            f"mfu {m['mfu']:.1%} | pad-eff {m['padding_efficiency']:.2f} | mem {m['peak_mem_gb']:.2f}GB | "
+            + " ".join(f"{k[5:-2]} {v:.2f}s" for k, v in m.items() if k.startswith("time_"))
         )
 
     def evaluate(self) -> dict[str, float]:
@@ -336,7 +376,10 @@ class Trainer:
         self.engine.train()
         while self.step < stop_at:
             t0 = time.perf_counter()
-            out = self.train_step(batches)
+            if cfg.run.profile_step == self.step + 1:
+                out = self._profiled(batches)
+            else:
+                out = self.train_step(batches)
             if out is None:
                 continue
             self.step += 1
