@@ -115,3 +115,13 @@ def native_query_template(folder: str | Path, decoder: bool) -> tuple[str, str]:
     if decoder:
         return QUERY_TEMPLATE, "e2rank"
     return "{query}", "plain"
+
+
+def default_pooling(spec: str) -> str:
+    """E2Rank's pooling for decoders (the last token, where a causal model has read everything), mean for encoders
+    (what sentence-transformers encoders such as all-MiniLM-L6-v2 were trained with); from config.json."""
+    cfg = json.loads((resolve(spec, weights=True) / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    decoder = cfg.get("is_decoder") or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or \
+        cfg.get("model_type") in {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "gpt2"}
+    return "last" if decoder else "mean"

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.pretrained import default_pooling
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pypi:smollm2-135m"
 TOKENIZATION = dict(query_max_len=64, doc_max_len=256, prompt_max_len=2048, prompt_doc_max_len=96)
@@ -99,7 +101,7 @@ class Runner:
         steps, batch, lr = (a.stage1_steps, a.stage1_batch, a.stage1_lr) if stage == 1 else \
             (a.stage2_steps, a.stage2_batch, a.stage2_lr)
         overrides = [f"stage={stage}", f"shards={self.out / shards}", f"model.path={init}", f"run.output_dir={folder}",
-                     "model.pooling=last", "model.dtype=auto", f"model.gradient_checkpointing={a.grad_ckpt}",
+                     f"model.pooling={default_pooling(a.model)}", "model.dtype=auto", f"model.gradient_checkpointing={a.grad_ckpt}",
                      f"run.seed={seed}", f"run.max_steps={steps}", f"run.save_every={steps}", "run.log_every=1",
                      f"run.global_batch_size={batch}", f"optim.lr={lr}", f"optim.warmup_steps={max(1, int(steps * a.warmup))}",
                      f"loss.temperature={a.temperature}", "loader.negatives_per_query=3",
@@ -136,7 +138,7 @@ class Runner:
         from trainer.reranker import Reranker
 
         t = time.time()
-        rer = (Reranker.from_base(str(model), pooling="last", batch_size=64, query_format="native",
+        rer = (Reranker.from_base(str(model), pooling=default_pooling(str(model)), batch_size=64, query_format="native",
                                   tokenization=TokenizationConfig(**TOKENIZATION))
                if base else Reranker.from_pretrained(model, batch_size=64))
         ins = InstructionTable.load().lookup("scifact", False)

@@ -121,9 +121,9 @@ def _bm25_run(ev: Path, k: int) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--model", default="pypi:all-minilm-l6-v2",
-                    help="a folder or pypi:all-minilm-l6-v2 / pypi:smollm2-135m (decoder: use --pooling last)")
-    ap.add_argument("--pooling", default="mean")
+    ap.add_argument("--model", default="pypi:smollm2-135m",
+                    help="a folder, pypi:smollm2-135m (the decoder, default) or pypi:all-minilm-l6-v2 (a fast encoder)")
+    ap.add_argument("--pooling", default="auto", help="auto: last token for decoders, mean for encoders")
     ap.add_argument("--prompt-len", type=int, default=512, help="listwise prompt tokens (MiniLM has 512 positions)")
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--stage2-steps", type=int, default=20)
@@ -139,6 +139,10 @@ def main(argv=None) -> int:
     from data_pipeline.pretrained import resolve
 
     resolve(args.model, weights=True)  # materialise the packaged model once, before the workers race for it
+    if args.pooling == "auto":
+        from data_pipeline.pretrained import default_pooling
+
+        args.pooling = default_pooling(args.model)
     tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64",
            f"tokenization.prompt_max_len={args.prompt_len}", "tokenization.prompt_doc_max_len=40"]
     head = RayHead(out / "ray-head.log")
