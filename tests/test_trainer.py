@@ -140,10 +140,14 @@ def test_stage2_trains_with_ranknet(setup):
     require_netns()
     out = setup["dir"] / "stage2"
     r = torchrun(train_cmd(setup["l"], setup["model"], out, "run.max_steps=4", "run.save_every=4", "loader.batch_size=2",
-                           stage=2))
+                           "run.profile_step=3", stage=2))
     assert r.returncode == 0, r.stderr[-3000:]
     m = losses(out)
     assert all(m[s]["loss"] == pytest.approx(m[s]["infonce"] + 2.0 * m[s]["ranknet"], rel=1e-5) for s in m)
+    for s in m:  # where each step's time went, and nothing missing from the step time
+        phases = [m[s][f"time_{p}_s"] for p in ("data", "forward", "backward", "optimizer")]
+        assert all(t > 0 for t in phases) and sum(phases) <= m[s]["step_time_s"] + 1e-3
+    assert "aten::mm" in (out / "profile.txt").read_text()  # step 3 ran under torch.profiler
     assert "negatives_per_query=47" in r.stdout  # 2 queries x 2 ranks x 12 candidates - 1
     assert (out / "export" / "config.json").is_file()
 
