@@ -126,6 +126,8 @@ def main(argv=None) -> int:
                          "pypi:smollm2-135m (the decoder: about 30 s per stage-1 step on 2 cores)")
     ap.add_argument("--pooling", default="auto", help="auto: last token for decoders, mean for encoders")
     ap.add_argument("--prompt-len", type=int, default=512, help="listwise prompt tokens (MiniLM has 512 positions)")
+    ap.add_argument("--temperature", type=float, default=None, help="InfoNCE temperature for both stages (default: recipes')")
+    ap.add_argument("--stage1-lr", type=float, default=None, help="default: the recipe's")
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--stage2-steps", type=int, default=20)
     args = ap.parse_args(argv)
@@ -160,7 +162,9 @@ def main(argv=None) -> int:
                        f"pipeline.inputs=[{out / 'corpus' / 'contrastive.jsonl'}]", f"train.shards={out / 'shards-contrastive'}",
                        f"train.model.path={resolve(args.model, weights=True)}", f"train.run.output_dir={out / 'stage1'}",
                        f"train.model.pooling={args.pooling}", *[f"pipeline.{t}" for t in tok],
-                       f"train.run.max_steps={args.stage1_steps}"],
+                       f"train.run.max_steps={args.stage1_steps}",
+                       *([f"train.loss.temperature={args.temperature}"] if args.temperature else []),
+                       *([f"train.optim.lr={args.stage1_lr}"] if args.stage1_lr else [])],
              log, "stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-3)")
         t2 = time.time()
     finally:
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
     _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "launch/stage2.py",
           "--config", "recipes/stage2-cpu-demo.yaml", f"shards={out / 'shards-listwise'}",
           f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}", f"model.pooling={args.pooling}",
-          f"run.max_steps={args.stage2_steps}"], log, "stage 2: deepspeed launcher (2 processes, ZeRO-3)")
+          f"run.max_steps={args.stage2_steps}", *([f"loss.temperature={args.temperature}"] if args.temperature else [])],
+         log, "stage 2: deepspeed launcher (2 processes, ZeRO-3)")
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         f.unlink(missing_ok=True)
     t3 = time.time()
