@@ -123,10 +123,9 @@ class _ModelScorer:
     def __call__(self, batch: dict) -> dict:
         slates = [json.loads(s) for s in batch["slate"]]
         q = self.reranker.embed_queries([s["query"] for s in slates], "")
-        scores = []
-        for i, s in enumerate(slates):
-            d = self.reranker.embed(s["texts"])
-            scores.append(json.dumps((d @ q[i]).tolist()))
+        # every document of the batch once (slates overlap; the actor's cache keeps them for later batches)
+        docs = self.reranker.embed_documents({d: t for s in slates for d, t in zip(s["docs"], s["texts"])})
+        scores = [json.dumps([float(docs[d] @ q[i]) for d in s["docs"]]) for i, s in enumerate(slates)]
         return {"slate": batch["slate"], "scores": scores}
 
 

@@ -28,6 +28,7 @@ one MLflow experiment (a parent run with a child per training run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -210,6 +211,7 @@ def report(args) -> str:
              "noveleval": load_rankgpt(d / "noveleval" / "data.json", d / "noveleval" / "qrels.txt").qrels}
     choice = args.teacher
 
+    @functools.cache  # each table cell and test reads the same run files
     def pq(dataset: str, tag: str, mode: str) -> dict[str, float]:
         if mode == "first_stage":
             run = {q: {doc: -r for r, (doc, _) in enumerate(h)} for q, h in read_trec_run(
