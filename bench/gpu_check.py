@@ -163,7 +163,7 @@ def run_ours(args, batches, device) -> dict:
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_flop = sum(p.numel() for p in backbone.parameters()) - backbone.get_input_embeddings().weight.numel()
     engine, *_ = deepspeed.initialize(model=Encoder(backbone, "last"), model_parameters=backbone.parameters(),
-                                      config=ds_config(cfg, True, backbone.config.hidden_size))
+                                      config=ds_config(cfg, True, backbone.config.hidden_size, device.type == "cuda"))
     cache = CachedStep(engine, args.chunk_tokens) if args.mode == "gradcache" else None
     engine.train()
     times, stats_all = [], []

@@ -11,14 +11,16 @@ records are the rest's qrels positives with 7 BM25 hard negatives; stage-2 slate
 (data_pipeline/teacher.py) in two versions, `grades` (qrels only) and `fusion` (qrels, then all-MiniLM-L6-v2 + BM25
 reciprocal-rank fusion inside each grade); the Ray pipeline pre-tokenizes all three.
 
-run, in priority order, each item skipped once `--deadline` seconds have passed (so a fixed time slot ends with
-the most important results rather than none):
-1. stage 1 (seed 0) from the base model, dev NDCG@10 logged every `--eval-every` steps;
-2. stage 2 from that export with each teacher; the teacher with the better final dev listwise NDCG@10 is chosen;
-3. evaluation of base, stage 1 and stage 2 (retrieval and listwise modes) on SciFact test (BM25 top-100, prompt from
-   the top 20) and NovelEval (20 given candidates);
-4. the same for the next seeds with the chosen teacher.
-Training runs are real `torchrun` jobs of the trainer (DeepSpeed ZeRO-3).
+run: every choice is made on the dev split (final dev NDCG@10, averaged over seeds), never on test:
+1. stage 1 from the base model for each `--stage1-grid` point (LR:temperature) and seed, dev NDCG@10 (both modes)
+   logged every `--eval-every` steps; the best grid point on dev retrieval NDCG@10 is stage 1;
+2. stage 2 from that export for each `--stage2-lrs` LR and seed with `--teacher`, and the other teachers on the first
+   seed; the best LR on dev listwise NDCG@10 is stage 2;
+3. base, the chosen stage 1 and the chosen stage 2 (every teacher at that LR), retrieval and listwise modes, on
+   SciFact test (BM25 top-100, prompt from the top 20) and NovelEval (20 given candidates), as soon as each exists.
+Training runs are real `torchrun` jobs of the trainer, up to `--jobs` at once (with evaluations); `--stage1-budget` /
+`--stage2-budget` give each run a wall-clock budget (run.time_budget_s: the LR schedule is fitted to it), and
+`--deadline` skips what would start too late, so a fixed time slot ends with results rather than none.
 
 report: NDCG@10 per model and mode (mean over seeds, and per seed), paired tests per comparison on per-query
 NDCG@10 (seeds averaged per query; t-test and bootstrap), results.md, and every run's params and per-step metrics in
@@ -33,7 +35,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data_pipeline.pretrained import default_pooling
@@ -45,7 +49,8 @@ TEACHERS = ("grades", "fusion")
 
 
 def log(msg: str) -> None:
-    print(f"[proof {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    sys.stdout.write(f"[proof {time.strftime('%H:%M:%S')}] {msg}\n")  # one write: threads log too
+    sys.stdout.flush()
 
 
 # -- prepare (CPU box: Ray) ---------------------------------------------------------------------------------------
@@ -76,13 +81,21 @@ def prepare(args) -> None:
 
 
 # -- run: train + evaluate --------------------------------------------------------------------------------------
+def grid_name(stage: int, lr: float, tau: float, seed: int, teacher: str = "") -> str:
+    return f"stage{stage}{'-' + teacher if teacher else ''}-lr{lr:g}-t{tau:g}-seed{seed}"
+
+
 class Runner:
+    """Training runs are subprocesses, evaluations threads of this process; up to `--jobs` of them at once (one GPU
+    holds several small runs, which also hides each one's start-up and Python overheads)."""
+
     def __init__(self, args):
         self.args = args
         self.out = Path(args.out)
         self.t0 = time.time()
         self.results_path = self.out / "eval" / "results.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.lock = threading.Lock()
 
     def time_left(self, what: str, training: bool) -> bool:
         limit = self.args.train_deadline if training else self.args.deadline
@@ -91,7 +104,7 @@ class Runner:
             return False
         return True
 
-    def train(self, name: str, stage: int, init: str, seed: int, shards: str) -> Path | None:
+    def train(self, name: str, stage: int, init: str, seed: int, shards: str, lr: float, tau: float) -> Path | None:
         a = self.args
         folder = self.out / "train" / name
         if (folder / "export" / "e2rank.json").exists():
@@ -99,19 +112,21 @@ class Runner:
         if not self.time_left(f"training {name}", True):
             return None
         dev = self.out / "scifact-dev"
-        steps, batch, lr = (a.stage1_steps, a.stage1_batch, a.stage1_lr) if stage == 1 else \
-            (a.stage2_steps, a.stage2_batch, a.stage2_lr)
+        steps, batch, budget, every = (a.stage1_steps, a.stage1_batch, a.stage1_budget, a.eval_every) if stage == 1 \
+            else (a.stage2_steps, a.stage2_batch, a.stage2_budget, a.stage2_eval_every or a.eval_every)
         overrides = [f"stage={stage}", f"shards={self.out / shards}", f"model.path={init}", f"run.output_dir={folder}",
                      f"model.pooling={default_pooling(a.model)}", "model.dtype=auto", f"model.gradient_checkpointing={a.grad_ckpt}",
-                     f"run.seed={seed}", f"run.max_steps={steps}", f"run.save_every={steps}", "run.log_every=1",
+                     f"run.seed={seed}", f"loader.seed={seed}", f"run.max_steps={steps}", f"run.save_every={steps}", "run.log_every=1",
+                     f"run.time_budget_s={budget}",
                      f"run.global_batch_size={batch}", f"optim.lr={lr}", f"optim.warmup_steps={max(1, int(steps * a.warmup))}",
-                     f"loss.temperature={a.temperature}", "loader.negatives_per_query=3",
+                     f"loss.temperature={tau}", "loader.negatives_per_query=3",
                      f"eval.data={dev}", "eval.split=dev", f"eval.run={dev / 'runs' / 'bm25.dev.trec'}",
-                     "eval.source=scifact", f"eval.every={a.eval_every}", f"eval.max_queries={a.dev_queries}",
+                     "eval.source=scifact", f"eval.every={every}", f"eval.max_queries={a.dev_queries}",
                      f"deepspeed.zero_stage={a.zero_stage}", f"tracking.experiment={a.experiment}",
-                     f"tracking.run_name={name}", f"encode.chunk_tokens={a.chunk_tokens}"]
-        overrides.append(f"tracking.tracking_uri={tracking_uri(a)}")
-        if a.profile_step and name == f"stage1-seed{a.seeds[0]}":
+                     f"tracking.run_name={name}", f"encode.chunk_tokens={a.chunk_tokens}",
+                     # parallel runs each keep their own store (sqlite has one writer); `report` imports them all
+                     f"tracking.tracking_uri={tracking_uri(a) if a.jobs == 1 else 'sqlite:///' + str((folder / 'mlflow.db').resolve())}"]
+        if a.profile_step and name == self.first_run:
             overrides.append(f"run.profile_step={a.profile_step}")
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
@@ -126,8 +141,8 @@ class Runner:
         log(f"train {name}: {time.time() - t:.0f}s; last dev: {last_dev(folder)}")
         return folder / "export"
 
-    def evaluate(self, tag: str, model: str | Path, base: bool = False) -> None:
-        if tag in self.results:
+    def evaluate(self, tag: str, model: str | Path | None, base: bool = False) -> None:
+        if model is None or tag in self.results:
             return
         if not self.time_left(f"evaluating {tag}", False):
             return
@@ -143,13 +158,16 @@ class Runner:
                                   tokenization=TokenizationConfig(**TOKENIZATION))
                if base else Reranker.from_pretrained(model, batch_size=64))
         ins = InstructionTable.load().lookup("scifact", False)
-        res = {"query_format": rer.query_format, "dtype": str(rer.dtype).replace("torch.", "")}
+        res = {"query_format": rer.query_format, "dtype": str(rer.dtype).replace("torch.", ""), "model": str(model)}
         for name, es in self.eval_sets().items():
             res[name] = evaluate(rer, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,
                                  out_dir=self.out / "eval", tag=tag, progress=False)
-        self.results[tag] = res
-        self.results_path.parent.mkdir(parents=True, exist_ok=True)
-        self.results_path.write_text(json.dumps(self.results, indent=1))
+        with self.lock:
+            self.results[tag] = res
+            self.results_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.results_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1))
+            tmp.replace(self.results_path)
         log(f"eval {tag} ({time.time() - t:.0f}s): " + "; ".join(
             f"{n} retrieval {res[n]['retrieval']['NDCG@10']:.4f} listwise {res[n]['listwise']['NDCG@10']:.4f}"
             for n in self.eval_sets()))
@@ -158,38 +176,74 @@ class Runner:
             torch.cuda.empty_cache()
 
     def eval_sets(self):
-        if not hasattr(self, "_sets"):
-            from trainer.evaluation import load_beir, load_rankgpt
+        with self.lock:
+            if not hasattr(self, "_sets"):
+                from trainer.evaluation import load_beir, load_rankgpt
 
-            d = Path(self.args.data)
-            self._sets = {"scifact": load_beir(d / "scifact", "test", d / "scifact" / "runs" / "bm25.top100.test.trec"),
-                          "noveleval": load_rankgpt(d / "noveleval" / "data.json", d / "noveleval" / "qrels.txt")}
-            if self.args.eval_queries:  # a dry run
-                for es in self._sets.values():
-                    es.run = {q: es.run[q] for q in sorted(es.run)[: self.args.eval_queries]}
-        return self._sets
+                d = Path(self.args.data)
+                self._sets = {"scifact": load_beir(d / "scifact", "test", d / "scifact" / "runs" / "bm25.top100.test.trec"),
+                              "noveleval": load_rankgpt(d / "noveleval" / "data.json", d / "noveleval" / "qrels.txt")}
+                if self.args.eval_queries:  # a dry run
+                    for es in self._sets.values():
+                        es.run = {q: es.run[q] for q in sorted(es.run)[: self.args.eval_queries]}
+            return self._sets
+
+    def choose(self, runs: dict[tuple, Path | None], metric: str, what: str) -> tuple | None:
+        """The grid point with the best final dev `metric`, averaged over seeds (dev only: test never chooses)."""
+        scores: dict[tuple, list[float]] = {}
+        for (point, _seed), path in runs.items():
+            dev = last_dev(path.parent) if path is not None else {}
+            if metric in dev:
+                scores.setdefault(point, []).append(dev[metric])
+        table = {str(p): {"mean": sum(v) / len(v), "per_seed": v} for p, v in scores.items()}
+        with open(self.out / "choices.json", "a") as f:
+            f.write(json.dumps({"what": what, "metric": metric, "grid": table}) + "\n")
+        if not scores:
+            log(f"{what}: no run finished with a dev {metric}")
+            return None
+        best = max(scores, key=lambda p: sum(scores[p]) / len(scores[p]))
+        log(f"{what}: dev {metric} " + ", ".join(f"{p}: {v['mean']:.4f}" for p, v in table.items()) + f" -> {best}")
+        return best
 
     def run(self) -> None:
-        """Priority order: the headline (seed 0: stage 1, stage 2, evaluations), then the other seeds, then the
-        other teacher on seed 0."""
+        """Stage-1 grid (LR x temperature) x seeds, in parallel; the best grid point on dev (retrieval NDCG@10)
+        seeds stage 2: stage-2 LRs x seeds with the chosen teacher, and the other teachers on the first seed; the
+        best stage-2 LR on dev (listwise NDCG@10). Base, the chosen stage 1 and the chosen stage 2 (and the other
+        teachers at that LR) are evaluated on SciFact test and NovelEval as soon as they exist."""
         a = self.args
         from data_pipeline.pretrained import resolve
 
         base = str(resolve(a.model, weights=True))
-        for i, seed in enumerate(a.seeds):
-            s1 = self.train(f"stage1-seed{seed}", 1, base, seed, "shards-contrastive")
-            s2 = self.train(f"stage2-{a.teacher}-seed{seed}", 2, str(s1), seed, f"shards-{a.teacher}") if s1 else None
-            if i == 0:
-                self.evaluate("base", base, base=True)
-            for tag, path in ((f"stage1-seed{seed}", s1), (f"stage2-{a.teacher}-seed{seed}", s2)):
-                if path is not None:
-                    self.evaluate(tag, path)
-        s1 = self.out / "train" / f"stage1-seed{a.seeds[0]}" / "export"
-        for t in a.compare_teachers:
-            if t != a.teacher and (s1 / "e2rank.json").exists():
-                s2 = self.train(f"stage2-{t}-seed{a.seeds[0]}", 2, str(s1), a.seeds[0], f"shards-{t}")
-                if s2 is not None:
-                    self.evaluate(f"stage2-{t}-seed{a.seeds[0]}", s2)
+        grid1 = [tuple(float(x) for x in g.split(":")) for g in a.stage1_grid]
+        self.first_run = grid_name(1, *grid1[0], a.seeds[0])
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            evals = [pool.submit(self.evaluate, "base", base, True)]
+            s1f = {(g, s): pool.submit(self.train, grid_name(1, *g, s), 1, base, s, "shards-contrastive", *g)
+                   for s in a.seeds for g in grid1}
+            s1 = {k: f.result() for k, f in s1f.items()}
+            g1 = self.choose(s1, "dev_retrieval_ndcg_at_10", "stage 1 (lr, temperature)")
+            if g1 is None:
+                return
+            lr1, tau = g1
+            for s in a.seeds:
+                evals.append(pool.submit(self.evaluate, f"stage1-seed{s}", s1[(g1, s)]))
+            s2f = {}
+            for s in a.seeds:
+                for lr in a.stage2_lrs:
+                    for t in [a.teacher] + ([x for x in a.compare_teachers if x != a.teacher] if s == a.seeds[0] else []):
+                        init = s1[(g1, s)]
+                        if init is not None:
+                            s2f[(lr, t, s)] = pool.submit(self.train, grid_name(2, lr, tau, s, t), 2, str(init), s,
+                                                          f"shards-{t}", lr, tau)
+            s2 = {k: f.result() for k, f in s2f.items()}
+            lr2 = self.choose({((lr,), s): p for (lr, t, s), p in s2.items() if t == a.teacher},
+                              "dev_listwise_ndcg_at_10", f"stage 2 LR ({a.teacher} teacher)")
+            if lr2 is not None:
+                for (lr, t, s), p in s2.items():
+                    if lr == lr2[0]:
+                        evals.append(pool.submit(self.evaluate, f"stage2-{t}-seed{s}", p))
+            for f in evals:
+                f.result()
         log(f"run done in {time.time() - self.t0:.0f}s")
 
 
@@ -265,12 +319,31 @@ def report(args) -> str:
         stats.append({"set": ds, "b": f"{bt} {bm_}", "a": f"{at} {am}", **t})
         tests.append(f"| {ds} | {bt} {bm_} | {at} {am} | {t['queries']} | {t['mean_a']:.4f} | {t['mean_b']:.4f} | "
                      f"{t['diff']:+.4f} | [{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}] | {t['p_ttest']:.2g} |")
-    text = "\n".join(lines + tests)
+    text = "\n".join(lines + tests + dev_curves(out))
     (out / "results.md").write_text(text + "\n")
     (out / "significance.json").write_text(json.dumps(stats, indent=1))
     print(text)
     track(out, args)
     return text
+
+
+def dev_curves(out: Path) -> list[str]:
+    """Every training run's dev NDCG@10 (retrieval / listwise) at each evaluation, steps run, first and last train
+    loss, and the grid choices (choices.json): what the LR, temperature and stage-2 LR were chosen from."""
+    lines = ["", "| run | steps | loss first -> last | dev NDCG@10 retrieval / listwise by step |", "|---|---|---|---|"]
+    for folder in sorted((out / "train").glob("*")):
+        m = folder / "metrics.jsonl"
+        rows = [json.loads(x) for x in m.read_text().splitlines()] if m.exists() else []
+        train = [r for r in rows if "loss" in r]
+        dev = [r for r in rows if "dev_retrieval_ndcg_at_10" in r]
+        curve = ", ".join(f"{r['step']}: {r['dev_retrieval_ndcg_at_10']:.3f}/{r['dev_listwise_ndcg_at_10']:.3f}" for r in dev)
+        loss = f"{train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}" if train else "-"
+        lines.append(f"| {folder.name} | {train[-1]['step'] if train else 0} | {loss} | {curve or '-'} |")
+    choices = out / "choices.json"
+    for row in ([json.loads(x) for x in choices.read_text().splitlines()] if choices.exists() else []):
+        grid = ", ".join(f"{p}: {v['mean']:.4f}" for p, v in row["grid"].items())
+        lines.append(f"\n{row['what']}, by mean dev {row['metric']} over seeds: {grid}")
+    return lines
 
 
 def track(out: Path, args) -> None:
@@ -322,12 +395,16 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=int(os.environ.get("E2RANK_NPROC", "2")))
     ap.add_argument("--stage1-steps", type=int, default=44)  # 2 epochs of 709 queries at 32
     ap.add_argument("--stage1-batch", type=int, default=32)
-    ap.add_argument("--stage1-lr", type=float, default=5e-5)
+    ap.add_argument("--stage1-grid", nargs="+", default=["1e-4:0.05"], help="stage-1 LR:temperature points")
     ap.add_argument("--stage2-steps", type=int, default=88)  # 1 epoch of 709 slates at 8
     ap.add_argument("--stage2-batch", type=int, default=8)
-    ap.add_argument("--stage2-lr", type=float, default=2e-5)
-    ap.add_argument("--temperature", type=float, default=0.03)
-    ap.add_argument("--eval-every", type=int, default=11)
+    ap.add_argument("--stage2-lrs", type=float, nargs="+", default=[5e-5], help="stage-2 LRs (temperature: stage 1's)")
+    ap.add_argument("--stage1-budget", type=float, default=0, help="run.time_budget_s of each stage-1 run (0 = none)")
+    ap.add_argument("--stage2-budget", type=float, default=0, help="run.time_budget_s of each stage-2 run (0 = none)")
+    ap.add_argument("--jobs", type=int, default=1, help="training runs and evaluations at once")
+    ap.add_argument("--eval-every", type=int, default=11, help="dev evaluation every N steps (stage 1; stage 2 too "
+                    "unless --stage2-eval-every)")
+    ap.add_argument("--stage2-eval-every", type=int, default=0)
     ap.add_argument("--eval-queries", type=int, default=0, help="test queries per set (0 = all; a dry run uses few)")
     ap.add_argument("--dev-queries", type=int, default=100)
     ap.add_argument("--zero-stage", type=int, default=3)

@@ -61,12 +61,16 @@ class RunConfig:
     stop_after_steps: int = 0  # >0: stop (with a checkpoint) after this many steps, e.g. to fit a time slot
     save_every: int = 50
     log_every: int = 1
-    seed: int = 0
+    seed: int = 0  # torch RNG (dropout, new weights); the data order has its own seed, loader.seed
     max_bad_steps: int = 3  # NaN/Inf losses in a row before training stops with an error
     export: bool = True  # consolidated Hugging Face folder at the end
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul of the training dtype at start
     profile_step: int = 0  # >0: run this step under torch.profiler; top operators -> profile.txt
     global_batch_size: int = 0  # if set: loader.batch_size = global / (world x grad_accum), which must divide
+    # >0: seconds from start for the whole run (steps, dev evaluations, save, export). From measured step and
+    # evaluation times the run lowers max_steps, and the LR schedule's end with it, so it ends in time with a full
+    # decay rather than cut mid-schedule (a fixed GPU loan, a Slurm slot). It never raises max_steps.
+    time_budget_s: float = 0.0
 
 
 @dataclass
@@ -129,5 +133,7 @@ class TrainConfig:
             raise ValueError("encode.chunk_tokens must be >= 0 (0 = one padded forward per field)")
         if self.encode.grad_cache and not self.encode.chunk_tokens:
             raise ValueError("encode.grad_cache needs encode.chunk_tokens > 0 (the chunk held with a graph)")
+        if self.run.time_budget_s < 0:
+            raise ValueError("run.time_budget_s must be >= 0 (0 = no budget)")
         if self.run.max_bad_steps < 1:
             raise ValueError("run.max_bad_steps must be >= 1")

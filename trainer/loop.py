@@ -93,15 +93,17 @@ def preflight(cfg: TrainConfig, world_size: int) -> Plan:
     return Plan(model_path, manifest, fp)
 
 
-def ds_config(cfg: TrainConfig, bf16: bool, hidden: int) -> dict[str, Any]:
+def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False) -> dict[str, Any]:
     z: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage >= 2:
-        # Buckets sized to the model (as HF's "auto"): DeepSpeed's 5e8-element defaults allocate GBs per rank,
-        # which a 22M-parameter model on a 2-core CPU box pays for in RSS (and was OOM-killed for).
+    if cfg.deepspeed.zero_stage >= 2 and not cuda:
+        # On CPU, buckets sized to the model (as HF's "auto"): DeepSpeed's 5e8-element defaults allocate GBs per
+        # rank, which a 22M-parameter model on a 2-core CPU box pays for in RSS (and was OOM-killed for). On GPUs
+        # DeepSpeed's defaults stay: hidden^2 buckets cut a 135M model's gradients into ~400 reductions per backward.
         z["reduce_bucket_size"] = hidden * hidden
     if cfg.deepspeed.zero_stage == 3:
         z["stage3_param_persistence_threshold"] = cfg.deepspeed.stage3_param_persistence_threshold
-        z["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
+        if not cuda:
+            z["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
     if cfg.deepspeed.offload_optimizer:
         z["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -158,6 +160,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         import deepspeed
 
+        self.t_start = time.perf_counter()
         self.cfg = cfg
         self.plan = preflight(cfg, D.env_world_size())
         self.backend = D.init(cfg.deepspeed.timeout_s)
@@ -185,15 +188,19 @@ class Trainer:
         model = Encoder(backbone, cfg.model.pooling)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size))
+            config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda))
         self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens) if cfg.encode.grad_cache else None
 
         self.step, run_id = 0, None
+        self.max_steps = cfg.run.max_steps  # lowered by run.time_budget_s (fit_budget), saved with checkpoints
+        self.step_times: list[float] = []
+        self.eval_times: list[float] = []
         self.resumed_from = C.latest(self.ckpt_dir)
         if self.resumed_from:
             state = C.load(self.engine, self.ckpt_dir, self.resumed_from)
             self.loader.load_state_dict(state["loader"])
             self.step, run_id = state["step"], state.get("mlflow_run_id")
+            self._set_max_steps(min(self.max_steps, state.get("max_steps", self.max_steps)), "resumed")
         self.tracker = Tracker(self.out, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
                                run_id, self.rank == 0)
         self.peak = cfg.run.peak_flops or measure_peak_flops(self.prec.dtype, self.device)
@@ -352,7 +359,7 @@ class Trainer:
 
     def log_line(self, m: dict[str, float]) -> str:
         return (
-            f"[train] step {self.step}/{self.cfg.run.max_steps} | loss {m['loss']:.4f} (infonce {m['infonce']:.4f}"
+            f"[train] step {self.step}/{self.max_steps} | loss {m['loss']:.4f} (infonce {m['infonce']:.4f}"
             + (f" ranknet {m['ranknet']:.4f}" if "ranknet" in m else "")
             + f") | acc {m['accuracy']:.2f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
             f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s | {m['step_time_s']:.2f}s | "
@@ -364,17 +371,51 @@ class Trainer:
         return _dev_eval(self.engine, self.cfg, self.plan)
 
     def save(self) -> None:
-        C.save(self.engine, self.ckpt_dir, self.step, {"loader": self.loader.state_dict(),
+        C.save(self.engine, self.ckpt_dir, self.step, {"loader": self.loader.state_dict(), "max_steps": self.max_steps,
                                                         "mlflow_run_id": self.tracker.run_id, "config": to_dict(self.cfg)})
+
+    # -- the time budget -------------------------------------------------------------------------------------------
+    def _evals_between(self, a: int, b: int) -> int:
+        """Dev evaluations after steps a+1..b when the run ends at b (every N steps, and at the end)."""
+        e = self.cfg.eval.every
+        return 0 if not e else b // e - a // e + (b % e != 0)
+
+    def fit_budget(self) -> None:
+        """run.time_budget_s: the largest max_steps whose remaining steps (median step time), dev evaluations
+        (mean so far) and final save + export (one step's time, twice over, as a margin) fit in what is left. The
+        slowest rank decides, so every rank stops at the same step."""
+        budget = self.cfg.run.time_budget_s
+        if not budget or len(self.step_times) < 2:
+            return
+        step_t = sorted(self.step_times[1:])[len(self.step_times[1:]) // 2]  # the first step warms kernels up
+        eval_t = sum(self.eval_times) / len(self.eval_times) if self.eval_times else 0.0
+        left = budget - (time.perf_counter() - self.t_start) - 2 * step_t
+        fit = self.step
+        while fit < self.max_steps and (fit + 1 - self.step) * step_t + \
+                self._evals_between(self.step, fit + 1) * eval_t <= left:
+            fit += 1
+        fit = -D.max_across(-max(fit, self.step + 1))
+        if fit < self.max_steps:
+            self._set_max_steps(fit, f"run.time_budget_s={budget:.0f}: {step_t:.2f}s/step, {eval_t:.1f}s/evaluation")
+
+    def _set_max_steps(self, n: int, why: str) -> None:
+        if n == self.max_steps:
+            return
+        log.info("[train] max_steps %d -> %d (%s); the LR schedule now ends at step %d", self.max_steps, n, why, n)
+        self.max_steps = n
+        sched = self.engine.lr_scheduler
+        if sched is not None and hasattr(sched, "total_num_steps"):
+            sched.total_num_steps = n
+            if getattr(sched, "warmup_num_steps", 0) > max(n // 4, 1) and self.step < sched.warmup_num_steps:
+                sched.warmup_num_steps = max(n // 4, 1)  # a warm-up longer than a quarter of the run would eat it
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        stop_at = min(cfg.run.max_steps, self.step + cfg.run.stop_after_steps) if cfg.run.stop_after_steps \
-            else cfg.run.max_steps
+        until = self.step + cfg.run.stop_after_steps if cfg.run.stop_after_steps else None
         batches = _forever(self.loader)
         self.engine.train()
-        while self.step < stop_at:
+        while self.step < (stop_at := min(self.max_steps, until or self.max_steps)):
             t0 = time.perf_counter()
             if cfg.run.profile_step == self.step + 1:
                 out = self._profiled(batches)
@@ -383,17 +424,23 @@ class Trainer:
             if out is None:
                 continue
             self.step += 1
-            m = self.metrics(out, time.perf_counter() - t0)
+            self.step_times.append(time.perf_counter() - t0)
+            m = self.metrics(out, self.step_times[-1])
             if self.step % cfg.run.log_every == 0 or self.step == stop_at:
                 self.tracker.metrics(self.step, m)
                 log.info(self.log_line(m))
-            if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.run.max_steps):
+            if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == self.max_steps):
+                t1 = time.perf_counter()
                 self.tracker.metrics(self.step, self.evaluate())
+                self.eval_times.append(time.perf_counter() - t1)
+            if self.step < self.max_steps:
+                self.fit_budget()
+            stop_at = min(self.max_steps, until or self.max_steps)
             if self.step % cfg.run.save_every == 0 or self.step == stop_at:
                 self.save()
         result = {"step": self.step, "run_id": self.tracker.run_id, "info": self.info}
         final = C.latest(self.ckpt_dir)
-        if self.step >= cfg.run.max_steps and cfg.run.export and final:
+        if self.step >= self.max_steps and cfg.run.export and final:
             result["export"] = str(_export(self.engine, cfg, self.plan, self.ckpt_dir, final, self.out))
             self.tracker.tag("export", result["export"])
         self.tracker.close()
