@@ -1,5 +1,6 @@
 """`python -m data_pipeline [--config recipe.yaml] key=value ...` (the same under `ray job submit`): pre-tokenize.
-`python -m data_pipeline teacher [--config recipe.yaml] key=value ...`: graded listwise slates (teacher.py)."""
+`python -m data_pipeline teacher [--config recipe.yaml] key=value ...`: graded listwise slates (teacher.py).
+`python -m data_pipeline verify DIR [--no-checksum]`: every shard against the manifest; exit 1 naming those to rebuild."""
 
 from __future__ import annotations
 
@@ -28,10 +29,35 @@ def teacher_main(argv: list[str]) -> int:
     return 0
 
 
+def verify_main(argv: list[str]) -> int:
+    from .shards import ShardFormatError, verify
+
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline verify",
+                                 description="Check every shard of a folder against its manifest (size and sha256).")
+    ap.add_argument("dir")
+    ap.add_argument("--no-checksum", action="store_true", help="sizes only (fast)")
+    args = ap.parse_args(argv)
+    try:
+        bad = verify(args.dir, checksum=not args.no_checksum)
+    except ShardFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, why in bad.items():
+        print(f"{name}: {why}")
+    if bad:
+        print(f"{len(bad)} shard(s) to rebuild; re-run the pipeline with the same config and output={args.dir}: "
+              "it rebuilds only these", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: every shard matches the manifest")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["teacher"]:
         return teacher_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        return verify_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m data_pipeline",
         description="Validate, shard and pre-tokenize a contrastive or listwise corpus into WebDataset tars.",

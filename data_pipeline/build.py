@@ -85,6 +85,8 @@ class ShardBuilder:
         if not sp.is_file() or not (out_dir / shard_name(plan["shard"])).is_file():
             return None
         stats = json.loads(sp.read_text())
+        if (out_dir / shard_name(plan["shard"])).stat().st_size != stats.get("bytes"):  # truncated since: rebuild
+            return None
         return stats if stats.get("config_hash") == self.config_hash and stats.get("plan") == plan else None
 
     # -- parse + validate ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from .build import PARTS, ShardBuilder, quarantine_path
 from .config import PipelineConfig
 from .instructions import InstructionTable
-from .shards import MANIFEST, SCHEMA_VERSION, atomic_write_bytes, write_manifest
+from .shards import MANIFEST, SCHEMA_VERSION, atomic_write_bytes, verify, write_manifest
 from .text import TextEncoder
 from .typed_config import to_dict
 
@@ -200,12 +200,19 @@ def run(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     existing = out / MANIFEST
     if existing.is_file():
         m = json.loads(existing.read_text())
-        if m.get("config_hash") == config_hash and m.get("inputs") == inputs:
+        same = m.get("config_hash") == config_hash and m.get("inputs") == inputs
+        damaged = verify(out) if same else {}
+        if same and not damaged:
             log(
                 f"[pipeline] {out} is complete for this config and input ({m['totals']['samples']} samples); nothing to do"
             )
             return m
-        if not cfg.overwrite:
+        if damaged:  # rebuild exactly those (the build is deterministic: the same bytes come back)
+            log(f"[pipeline] {len(damaged)} damaged shard(s), rebuilding them: "
+                + "; ".join(f"{n}: {why}" for n, why in damaged.items()))
+            for name in damaged:
+                (out / name).unlink(missing_ok=True)
+        elif not cfg.overwrite:
             raise PipelineError(
                 f"{out} holds shards of another config or input (config {m.get('config_hash', '?')[:12]}); "
                 "use a new output folder or set overwrite=true"

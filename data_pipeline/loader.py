@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import ShardReader, docs_of, read_manifest
+from .shards import REBUILD, ShardFormatError, ShardReader, docs_of, read_manifest, shard_problem
 
 
 class LoaderError(ValueError):
@@ -37,6 +37,7 @@ class LoaderConfig:
     pad_to_multiple_of: int = 8
     num_workers: int = 0
     seed: int = 0
+    verify_checksums: bool = True  # sha256 of each shard against the manifest the first time a process opens it
 
     def validate(self) -> None:
         for k in ("batch_size", "grad_accum"):
@@ -166,6 +167,9 @@ class _Collator:
         return out
 
 
+_VERIFIED: set[tuple[str, str]] = set()  # (shard path, sha256) this process has checked
+
+
 class _RankBatches(IterableDataset):
     """Yields (position, batch) for this rank's positions start, start+1, ... split over DataLoader workers."""
 
@@ -173,6 +177,7 @@ class _RankBatches(IterableDataset):
         self.shard_dir = loader.shard_dir
         self.kind = loader.kind
         self.shards = [s["name"] for s in loader.manifest["shards"]]
+        self.entries = loader.manifest["shards"]
         self.cfg, self.rank, self.world = loader.cfg, loader.rank, loader.world_size
         self.plan, self.sources, _ = epoch_plan(loader.manifest, loader.cfg, loader.world_size, epoch)
         self.start = start
@@ -180,6 +185,18 @@ class _RankBatches(IterableDataset):
 
     def __len__(self) -> int:
         return len(self.plan) * self.cfg.grad_accum
+
+    def check(self, shard: int) -> None:
+        """The shard against its manifest entry (size always; sha256 once per process, if verify_checksums): a
+        damaged shard stops training with its name, rather than a bare tar error or silently wrong tokens."""
+        entry = self.entries[shard]
+        path = self.shard_dir / entry["name"]
+        if (str(path), entry["sha256"]) in _VERIFIED:
+            return
+        if why := shard_problem(self.shard_dir, entry, checksum=self.cfg.verify_checksums):
+            raise ShardFormatError(f"{path}: {why}; {REBUILD} (or set loader.verify_checksums=false to skip the sha256)")
+        if self.cfg.verify_checksums:
+            _VERIFIED.add((str(path), entry["sha256"]))
 
     def rows(self, t: int) -> np.ndarray:
         b, w, a = self.cfg.batch_size, self.world, self.cfg.grad_accum
@@ -199,6 +216,7 @@ class _RankBatches(IterableDataset):
                     if r is None:
                         if len(readers) >= 64:
                             readers.pop(next(iter(readers))).close()
+                        self.check(int(shard))
                         r = readers[int(shard)] = ShardReader(self.shard_dir / self.shards[shard], self.kind)
                     samples.append(r.read(int(idx)))
                 batch = self.collate(samples)

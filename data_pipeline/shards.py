@@ -13,7 +13,6 @@ import json
 import os
 import tarfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-KINDS = ("contrastive", "listwise")
 
 # field -> dtype, per kind; the loader and tests rely on these exact names.
 FIELDS = {
@@ -128,15 +126,25 @@ class ShardReader:
         self.kind = kind
         self.index: dict[str, dict[str, tuple[int, int]]] = {}
         self.keys: list[str] = []
-        with tarfile.open(self.path, "r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, field = m.name.partition(".")
-                if key not in self.index:
-                    self.index[key] = {}
-                    self.keys.append(key)
-                self.index[key][field] = (m.offset_data, m.size)
+        try:
+            with tarfile.open(self.path, "r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    key, _, field = m.name.partition(".")
+                    if key not in self.index:
+                        self.index[key] = {}
+                        self.keys.append(key)
+                    self.index[key][field] = (m.offset_data, m.size)
+            size = self.path.stat().st_size
+            if any(off + n > size for f in self.index.values() for off, n in f.values()):
+                raise EOFError(f"members run past the end of the file ({size} bytes): truncated")
+            with open(self.path, "rb") as fh:  # a tar ends with two zero blocks; a cut at a block boundary has none
+                fh.seek(max(size - 1024, 0))
+                if size < 1024 or fh.read(1024).strip(b"\x00"):
+                    raise EOFError(f"no end-of-archive marker in its last 1024 bytes ({size} bytes): truncated")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ShardFormatError(f"{self.path}: not a readable shard ({type(e).__name__}: {e}); {REBUILD}") from e
         self._fh = open(self.path, "rb")
 
     def __len__(self) -> int:
@@ -149,10 +157,15 @@ class ShardReader:
         for name, (off, size) in fields.items():
             self._fh.seek(off)
             raw = self._fh.read(size)
-            if name.endswith(".npy"):
-                out[name[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
-            elif name.endswith(".json"):
-                out[name[:-5]] = json.loads(raw)
+            try:
+                if len(raw) != size:
+                    raise EOFError(f"{len(raw)} of {size} bytes")
+                if name.endswith(".npy"):
+                    out[name[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
+                elif name.endswith(".json"):
+                    out[name[:-5]] = json.loads(raw)
+            except (ValueError, EOFError, OSError) as e:
+                raise ShardFormatError(f"{self.path}: sample {key} member {name} is unreadable ({e}); {REBUILD}") from e
         missing = set(FIELDS[self.kind]) - set(out)
         if missing:
             raise ShardFormatError(f"{self.path}: sample {key} lacks {sorted(missing)}")
@@ -168,13 +181,37 @@ def docs_of(sample: dict[str, Any]) -> list[np.ndarray]:
 
 
 # -- manifest --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardInfo:
-    name: str
-    samples: int
-    source_runs: tuple[tuple[str, int], ...]  # consecutive (source, count) in sample order
-    bytes: int
-    sha256: str
+REBUILD = "check the folder with `python -m data_pipeline verify DIR`; re-running the pipeline rebuilds damaged shards"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_problem(shard_dir: Path, entry: dict[str, Any], checksum: bool = True) -> str | None:
+    """Why a shard does not match its manifest entry (missing, size, sha256), or None when it does."""
+    p = Path(shard_dir) / entry["name"]
+    if not p.is_file():
+        return "missing"
+    size = p.stat().st_size
+    if size != entry["bytes"]:
+        return f"size {size} bytes, the manifest says {entry['bytes']} (truncated or partly copied)"
+    if checksum and (h := sha256_file(p)) != entry["sha256"]:
+        return f"sha256 {h[:12]}..., the manifest says {entry['sha256'][:12]}... (bytes changed)"
+    return None
+
+
+def verify(shard_dir: str | Path, checksum: bool = True) -> dict[str, str]:
+    """{shard name: problem} for every shard of a folder that does not match its manifest (empty when all do)."""
+    d = Path(shard_dir)
+    m = json.loads((d / MANIFEST).read_text()) if (d / MANIFEST).is_file() else None
+    if m is None:
+        raise ShardFormatError(f"{d} has no {MANIFEST}: the pipeline did not finish there; re-run it")
+    return {e["name"]: why for e in m["shards"] if (why := shard_problem(d, e, checksum))}
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -205,7 +242,7 @@ def read_manifest(
             f"{p}: shards were tokenized with another tokenizer ({m.get('tokenizer', {}).get('name')}); "
             "re-run the pipeline with this model's tokenizer"
         )
-    for s in m["shards"]:
-        if not (d / s["name"]).is_file():
-            raise ShardFormatError(f"{p}: lists {s['name']}, which is missing from {d}")
+    for s in m["shards"]:  # cheap checks for all (existence, size); the loader checks sha256 on first open
+        if why := shard_problem(d, s, checksum=False):
+            raise ShardFormatError(f"{d / s['name']}: {why}; {REBUILD}")
     return m
