@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -47,6 +47,7 @@ def _entry(where: str, raw) -> Instructions:
 class InstructionTable:
     default: Instructions
     sources: dict[str, Instructions]
+    aliases: dict[str, str] = field(default_factory=dict)  # another dataset's key -> ours (official E2Rank keys)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> InstructionTable:
@@ -57,15 +58,27 @@ class InstructionTable:
             raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise InstructionError(f"instruction table {p} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict) or set(raw) - {"default", "sources"} or "default" not in raw:
-            raise InstructionError(f"{p}: top level must have 'default' and optionally 'sources'")
+        if not isinstance(raw, dict) or set(raw) - {"default", "sources", "aliases"} or "default" not in raw:
+            raise InstructionError(f"{p}: top level must have 'default' and optionally 'sources' and 'aliases'")
         sources = raw.get("sources") or {}
         if not isinstance(sources, dict):
             raise InstructionError(f"{p}: 'sources' must be a mapping of source name -> instructions")
+        aliases = raw.get("aliases") or {}
+        if not isinstance(aliases, dict):
+            raise InstructionError(f"{p}: 'aliases' must be a mapping of other name -> source name")
+        for a, target in aliases.items():
+            if str(target) not in sources:
+                raise InstructionError(f"{p}:aliases.{a} points to {target!r}, which is not a source")
+            if str(a) in sources:
+                raise InstructionError(f"{p}:aliases.{a} is also a source name")
         return cls(
             _entry(f"{p}:default", raw["default"]),
             {str(k): _entry(f"{p}:sources.{k}", v) for k, v in sources.items()},
+            {str(a): str(t) for a, t in aliases.items()},
         )
+
+    def known(self, source: str) -> bool:
+        return source in self.sources or source in self.aliases
 
     def lookup(self, source: str | None, allow_unknown: bool) -> Instructions | None:
         """None means: the source is unknown and unknown sources are not allowed."""
@@ -73,4 +86,6 @@ class InstructionTable:
             return self.default
         if source in self.sources:
             return self.sources[source]
+        if source in self.aliases:
+            return self.sources[self.aliases[source]]
         return self.default if allow_unknown else None

@@ -1,7 +1,6 @@
 import pytest
 
 from data_pipeline.formats import BadRecord, decode_line, parse_contrastive, parse_listwise
-from data_pipeline.instructions import InstructionError, InstructionTable
 
 
 def reason(fn, *a):
@@ -87,33 +86,3 @@ def test_contrastive_reasons(obj, expected):
 )
 def test_listwise_reasons(obj, expected):
     assert reason(parse_listwise, obj) == expected
-
-
-def test_bundled_instruction_table_fixes_official_bugs():
-    t = InstructionTable.load()
-    nq = t.lookup("nq", allow_unknown=False)
-    assert nq.query == ("Given a question, retrieve Wikipedia passages that answer the question",)
-    assert len(nq.rerank) > 20  # the official tuple bug made these "G" and "i"
-    for name, ins in t.sources.items():
-        assert "retrieval the" not in " ".join(ins.query) and "r etrieval" not in ins.rerank, name
-    assert t.lookup(None, allow_unknown=False) == t.default
-    assert t.lookup("no-such-source", allow_unknown=False) is None
-    assert t.lookup("no-such-source", allow_unknown=True) == t.default
-    nli = t.lookup("nli", allow_unknown=False)
-    assert {nli.query_for(f"premise {i}") for i in range(20)} == set(nli.query)  # alternates per record
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("default: {query: q}\n", "default.rerank must be a non-empty string"),
-        ("default: {query: q, rerank: r}\nsources: {nq: {query: '', rerank: r}}\n", "sources.nq.query"),
-        ("default: {query: q, rerank: r, extra: 1}\n", "unknown key"),
-        ("sources: {}\n", "must have 'default'"),
-    ],
-)
-def test_bad_instruction_tables(tmp_path, text, message):
-    p = tmp_path / "t.yaml"
-    p.write_text(text)
-    with pytest.raises(InstructionError, match=message):
-        InstructionTable.load(p)
