@@ -71,9 +71,13 @@ def test_ranknet_rank_sum_weighting():
     p, c = t([[1.0, 0.0]]), t([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]])
     s = [1.0, 0.0, 0.6]
     pairs = [(0, 1, 1 / 3), (0, 2, 1 / 4), (1, 2, 1 / 5)]  # ranks 1,2,3 for candidates 0,1,2
-    want = sum(w * math.log(1 + math.exp(-(s[i] - s[j]))) for i, j, w in pairs) / sum(w for _, _, w in pairs)
+    # the official rank_net(weighted=True): BCEWithLogits(weight=w), mean over the pairs (their count, not sum(w))
+    want = sum(w * math.log(1 + math.exp(-(s[i] - s[j]))) for i, j, w in pairs) / len(pairs)
     got = ranknet(p, c, torch.tensor([[0, 1, 2]]), torch.tensor([[True] * 3]), scale=1.0, pair_weighting="rank_sum")
     assert got.item() == pytest.approx(want)
+    off = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([s[i] - s[j] for i, j, _ in pairs]), torch.ones(3), weight=torch.tensor([w for *_, w in pairs]))
+    assert got.item() == pytest.approx(off.item())
 
 
 def test_pool_last_left_and_right_padding():

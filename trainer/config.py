@@ -31,7 +31,7 @@ class LossConfig:
     temperature: float = 0.03
     ranknet_weight: float = 2.0  # stage 2: total = InfoNCE + ranknet_weight * RankNet
     ranknet_scale: float = 10.0  # RankNet logits = scale * cos
-    ranknet_pair_weighting: Literal["none", "rank_sum"] = "none"  # rank_sum: 1/(r_i + r_j), 1-based ranks
+    ranknet_pair_weighting: Literal["none", "rank_sum"] = "none"  # rank_sum: 1/(r_i + r_j), 1-based ranks, / pair count
     mask_false_negatives: bool = True  # mask candidates whose content hash equals the positive's
     margin_mask: float | None = None  # also mask candidates with s > s_pos + margin (e.g. 0.1)
     infonce_positive: Literal["teacher_top1"] = "teacher_top1"  # stage 2

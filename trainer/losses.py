@@ -86,7 +86,10 @@ def ranknet(
     diff = s.unsqueeze(2) - s.unsqueeze(1)
     losses = F.softplus(-diff)  # = BCEWithLogits(s_i - s_j, 1)
     w = pair.float()
+    n_pairs = w.sum((1, 2)).clamp(min=1)
     if pair_weighting == "rank_sum":
         w = w / (pos.unsqueeze(2) + pos.unsqueeze(1) + 2).float()
-    per_query = (losses * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1e-12)
+    # divided by the pair count, weighted or not, as the official rank_net(weighted=True) (BCEWithLogits with a
+    # weight, mean over pairs): weights scale the loss down (~1/14 at K=16) rather than being renormalised
+    per_query = (losses * w).sum((1, 2)) / n_pairs
     return per_query.mean()
