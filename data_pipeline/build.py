@@ -92,8 +92,13 @@ class ShardBuilder:
     # -- parse + validate ------------------------------------------------------------------------------------
     def _parse(self, raw: bytes | dict):
         obj = formats.decode_line(raw, self.cfg.max_record_bytes) if isinstance(raw, bytes) else raw
-        if isinstance(raw, dict) and len(json.dumps(raw)) > self.cfg.max_record_bytes:
-            raise BadRecord("oversize", f"record exceeds max_record_bytes={self.cfg.max_record_bytes}")
+        if isinstance(raw, dict):  # a Parquet row
+            try:
+                n = len(json.dumps(raw, default=str))
+            except (RecursionError, ValueError) as e:
+                raise BadRecord("invalid_row", f"row cannot be represented as JSON: {type(e).__name__}") from None
+            if n > self.cfg.max_record_bytes:
+                raise BadRecord("oversize", f"record exceeds max_record_bytes={self.cfg.max_record_bytes}")
         if self.cfg.kind == "contrastive":
             rec = formats.parse_contrastive(obj)
             if len(rec.negatives) < self.cfg.min_negatives:

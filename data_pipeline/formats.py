@@ -74,6 +74,8 @@ def decode_line(raw: bytes, max_record_bytes: int) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRecord("invalid_json", f"{e.msg} at column {e.colno}") from None
+    except RecursionError:  # json's decoder recurses per nesting level: a line of 3,000 '[' exhausts the stack
+        raise BadRecord("invalid_json", "nested too deeply to decode") from None
     if not isinstance(obj, dict):
         raise BadRecord("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     return obj
