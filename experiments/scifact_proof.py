@@ -96,6 +96,7 @@ class Runner:
         self.results_path = self.out / "eval" / "results.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
         self.lock = threading.Lock()
+        self.load_lock = threading.Lock()
 
     def time_left(self, what: str, training: bool) -> bool:
         limit = self.args.train_deadline if training else self.args.deadline
@@ -154,9 +155,10 @@ class Runner:
         from trainer.reranker import Reranker
 
         t = time.time()
-        rer = (Reranker.from_base(str(model), pooling=default_pooling(str(model)), batch_size=64, query_format="native",
-                                  tokenization=TokenizationConfig(**TOKENIZATION))
-               if base else Reranker.from_pretrained(model, batch_size=64))
+        with self.load_lock:  # from_pretrained sets torch's default dtype process-wide: loads in two threads mix dtypes
+            rer = (Reranker.from_base(str(model), pooling=default_pooling(str(model)), batch_size=64, query_format="native",
+                                      tokenization=TokenizationConfig(**TOKENIZATION))
+                   if base else Reranker.from_pretrained(model, batch_size=64))
         ins = InstructionTable.load().lookup("scifact", False)
         res = {"query_format": rer.query_format, "dtype": str(rer.dtype).replace("torch.", ""), "model": str(model)}
         for name, es in self.eval_sets().items():
