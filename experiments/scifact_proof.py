@@ -279,8 +279,12 @@ def report(args) -> str:
             run = {q: dict(v) for q, v in read_trec_run(out / "eval" / f"{dataset}.{tag}.{mode}.trec").items()}
         return per_query(qrels[dataset], run)
 
-    def averaged(dataset: str, prefix: str, mode: str) -> tuple[dict[str, float], list[str]]:
-        tags = sorted(t for t in res if t == prefix or t.startswith(prefix + "-seed"))
+    def averaged(dataset: str, prefix: str, mode: str, seeds_of: str = "") -> tuple[dict[str, float], list[str]]:
+        """Per-query NDCG@10 averaged over a model's seeds (only the seeds `seeds_of` also has, when given)."""
+        def seeds(p: str) -> set[str]:
+            return {t.rsplit("-seed", 1)[-1] for t in res if t == p or t.startswith(p + "-seed")}
+        keep = seeds(seeds_of) if seeds_of else seeds(prefix)
+        tags = sorted(t for t in res if (t == prefix or t.startswith(prefix + "-seed")) and t.rsplit("-seed", 1)[-1] in keep)
         per = [pq(dataset, t, mode) for t in tags]
         qs = set.intersection(*(set(p) for p in per)) if per else set()
         return {q: sum(p[q] for p in per) / len(per) for q in qs}, tags
@@ -306,14 +310,19 @@ def report(args) -> str:
                    ("scifact", (f"stage2-{choice}", "listwise"), ("stage1", "retrieval")),
                    ("scifact", (f"stage2-{choice}", "listwise"), (f"stage2-{choice}", "retrieval")),
                    ("scifact", (f"stage2-{choice}", "listwise"), ("bm25", "first_stage")),
+                   ("scifact", (f"stage2-{choice}", "listwise"), ("stage1", "listwise")),
+                   ("scifact", (f"stage2-{choice}", "retrieval"), ("stage1", "retrieval")),
                    ("noveleval", (f"stage2-{choice}", "listwise"), ("base", "listwise")),
                    ("noveleval", (f"stage2-{choice}", "listwise"), ("stage1", "retrieval"))]
-    comparisons += [("scifact", (f"stage2-{t}", "listwise"), (f"stage2-{choice}", "listwise")) for t in other]
+    # teachers: on the seeds the other teacher was trained with (seed-matched)
+    comparisons += [(ds, (f"stage2-{t}", "listwise"), (f"stage2-{choice}", "listwise")) for t in other
+                    for ds in ("scifact", "noveleval")]
     tests = ["", "| set | b | vs a | queries | NDCG@10 a | NDCG@10 b | b - a | 95% bootstrap CI | paired t-test p |",
              "|---|---|---|---|---|---|---|---|---|"]
     stats = []
     for ds, (bt, bm_), (at, am) in comparisons:
-        a_scores = pq(ds, "", am) if am == "first_stage" else averaged(ds, at, am)[0]
+        matched = bt if bt.startswith("stage2-") and at.startswith("stage2-") and bt != at else ""
+        a_scores = pq(ds, "", am) if am == "first_stage" else averaged(ds, at, am, matched)[0]
         b_scores = averaged(ds, bt, bm_)[0]
         if not a_scores or not b_scores:
             continue

@@ -424,8 +424,10 @@ class Trainer:
             if out is None:
                 continue
             self.step += 1
-            self.step_times.append(time.perf_counter() - t0)
-            m = self.metrics(out, self.step_times[-1])
+            dt = time.perf_counter() - t0
+            if cfg.run.profile_step != self.step:  # a profiled step is slow: it would shrink the budget's plan
+                self.step_times.append(dt)
+            m = self.metrics(out, dt)
             if self.step % cfg.run.log_every == 0 or self.step == stop_at:
                 self.tracker.metrics(self.step, m)
                 log.info(self.log_line(m))
