@@ -10,7 +10,6 @@ Shards are read by random access (member offsets), so a rank reads only its own 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,14 +227,6 @@ class _RankBatches(IterableDataset):
                 r.close()
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class ShardLoader:
     """Iterate to get the rest of the current epoch; `state_dict()` after any batch resumes right after it."""
 
@@ -244,8 +235,8 @@ class ShardLoader:
         shard_dir: str | Path,
         cfg: LoaderConfig,
         *,
-        rank: int | None = None,
-        world_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
         kind: str | None = None,
         tokenizer_fingerprint: str | None = None,
     ):
@@ -253,9 +244,9 @@ class ShardLoader:
         self.manifest = read_manifest(self.shard_dir, kind=kind, tokenizer_fingerprint=tokenizer_fingerprint)
         self.kind = self.manifest["kind"]
         self.cfg = cfg
-        r, w = _dist_rank_world()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
+        # handed in by the caller (the trainer: its process group's rank and size), never guessed from the
+        # environment, which can disagree with the group (torchtitan passes dp_rank / dp_world_size the same way)
+        self.rank, self.world_size = rank, world_size
         if not 0 <= self.rank < self.world_size:
             raise LoaderError(f"rank {self.rank} is outside world size {self.world_size}")
         self.pad_id = self.manifest["tokenizer"]["pad_id"]

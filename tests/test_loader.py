@@ -136,3 +136,12 @@ def test_bad_loader_inputs(shards, tmp_path):
         ShardLoader(shards / "c", LoaderConfig(), tokenizer_fingerprint="0" * 64)
     with pytest.raises(LoaderError, match="no full global batch of 400"):
         ShardLoader(shards / "c", LoaderConfig(batch_size=100, grad_accum=2), rank=0, world_size=2)
+
+
+def test_rank_and_world_size_are_handed_in_not_read_from_the_environment(shards, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # a launcher's environment that disagrees with the caller
+    loader = ShardLoader(shards / "c", LoaderConfig(batch_size=2))
+    assert (loader.rank, loader.world_size) == (0, 1)
+    loader = ShardLoader(shards / "c", LoaderConfig(batch_size=2), rank=1, world_size=2)
+    assert (loader.rank, loader.world_size) == (1, 2)

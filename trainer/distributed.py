@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 
 def world() -> tuple[int, int]:
+    """(rank, world size): the process group's once it exists; the launcher's environment only before."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -178,7 +178,8 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             save(cfg, self.out / "config.yaml")
         kind = "contrastive" if cfg.stage == 1 else "listwise"
-        self.loader = ShardLoader(cfg.shards, cfg.loader, kind=kind, tokenizer_fingerprint=self.plan.fingerprint)
+        self.loader = ShardLoader(cfg.shards, cfg.loader, rank=self.rank, world_size=self.world, kind=kind,
+                                  tokenizer_fingerprint=self.plan.fingerprint)
 
         backbone, self.attn = load_backbone(self.plan.model_path, cfg.model, self.prec.dtype, cuda)
         self.n_params = sum(p.numel() for p in backbone.parameters())

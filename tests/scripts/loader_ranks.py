@@ -12,7 +12,7 @@ shard_dir, out, same_source = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank = dist.get_rank()
 cfg = LoaderConfig(batch_size=3, grad_accum=2, num_workers=2, negatives_per_query=2, same_source=same_source, seed=7)
-loader = ShardLoader(shard_dir, cfg)  # rank and world size come from torchrun's environment
+loader = ShardLoader(shard_dir, cfg, rank=rank, world_size=dist.get_world_size())  # from the process group
 batches = [{"keys": b["keys"], "sources": b["sources"], "global_source": b["global_source"], "position": b["position"],
             "docs": int(b["doc_input_ids"].shape[0])} for b in loader]
 counts = [None] * dist.get_world_size()
