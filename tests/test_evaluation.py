@@ -124,7 +124,8 @@ def test_cli_on_noveleval_with_a_tiny_model(tiny, tmp_path):
     assert res["queries"] == 21 and res["first_stage"]["NDCG@10"] == pytest.approx(0.650, abs=0.01)
     assert "listwise" in res and "retrieval" in res and "[eval noveleval] documents" in r.stderr
     r2 = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--model", str(tiny), "--data", str(nov / "data.json"),
-                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         "--qrels", str(nov / "qrels.txt"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
     assert r2.returncode == 2 and "not an E2Rank export" in r2.stderr
 
 
@@ -143,3 +144,59 @@ def test_bf16_inference_agrees_with_fp32(tiny):
     assert a.dtype == b.dtype == np.float32
     cos = (a * b).sum(1)
     assert cos.min() > 0.99, cos
+
+
+def _rankgpt(tmp_path, query_shape):
+    items = []
+    for i in range(3):
+        q = f"what is topic {i}?"
+        items.append({"query": q if query_shape == "str" else {"text": q, "qid": f"q{i}"},
+                      "hits": [{"qid": f"q{i}", "docid": f"d{i}{j}", "content": f"passage {j} on topic {i}"}
+                               for j in range(4)]})
+    (tmp_path / "data.json").write_text(json.dumps(items))
+    (tmp_path / "qrels.txt").write_text("".join(f"q{i} 0 d{i}1 1\n" for i in range(2)))
+    return tmp_path / "data.json", tmp_path / "qrels.txt"
+
+
+@pytest.mark.parametrize("shape", ["str", "rank_llm"])
+def test_rankgpt_and_rank_llm_query_shapes_give_the_same_text(tmp_path, shape):
+    from trainer.evaluation import load_rankgpt
+
+    data, qrels = _rankgpt(tmp_path, shape)
+    es = load_rankgpt(data, qrels)
+    assert es.queries == {f"q{i}": f"what is topic {i}?" for i in range(3)}  # never the dict's repr
+    assert sorted(es.run) == ["q0", "q1"] and es.skipped["query_without_qrels"] == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ("no_qrels", "needs its qrels"), ("missing_qrels", "does not exist"), ("empty_qrels", "holds no judgement"),
+    ("bad_query", "'query' must be a string"), ("foreign_qrels", "no query has a judgement")])
+def test_rankgpt_bad_inputs_are_clear_errors(tmp_path, change, message):
+    from trainer.evaluation import load_rankgpt
+
+    data, qrels = _rankgpt(tmp_path, "str")
+    if change == "no_qrels":
+        qrels = None
+    elif change == "missing_qrels":
+        qrels = tmp_path / "nope.txt"
+    elif change == "empty_qrels":
+        qrels.write_text("\n")
+    elif change == "bad_query":
+        data.write_text(json.dumps([{"query": ["a"], "hits": [{"qid": 1, "docid": "d", "content": "c"}]}]))
+    else:
+        qrels.write_text("x9 0 d 1\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_rankgpt(data, qrels)
+
+
+def test_cli_without_qrels_fails_and_warns_on_an_unknown_source(tiny, tmp_path):
+    data, qrels = _rankgpt(tmp_path, "rank_llm")
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--model", str(tiny), "--base", "--data", str(data),
+           "--out", str(tmp_path / "o")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs its qrels" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["--qrels", str(qrels), "--source", "scifcat"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "source 'scifcat' is not in the instruction table" in r.stderr and "instructions (default)" in r.stderr
+    res = json.loads(r.stdout)
+    assert res["queries"] == 2 and all(res[m]["NDCG@10"] == res[m]["NDCG@10"] for m in ("retrieval", "listwise"))

@@ -129,6 +129,8 @@ class TrainConfig:
             raise ValueError("loader.negatives_per_query must be >= 0")
         if self.eval.every and not self.eval.data:
             raise ValueError("eval.every is set but eval.data is empty: give a dev set (BEIR folder or data.json)")
+        if self.eval.every and self.eval.data.endswith(".json") and not self.eval.qrels:
+            raise ValueError("eval.qrels: a RankGPT-style eval.data (.json) needs its qrels file (TREC format)")
         if self.encode.chunk_tokens < 0:
             raise ValueError("encode.chunk_tokens must be >= 0 (0 = one padded forward per field)")
         if self.encode.grad_cache and not self.encode.chunk_tokens:

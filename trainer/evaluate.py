@@ -53,7 +53,14 @@ def main(argv=None) -> int:
             keep = sorted(es.run)[: args.max_queries]
             es.run = {q: es.run[q] for q in keep}
         table = InstructionTable.load()
-        ins = table.lookup(args.source or es.name, allow_unknown=True)
+        source = args.source or es.name
+        if not table.known(source):
+            print(f"warning: source {source!r} is not in the instruction table"
+                  f"{' (from the data folder name)' if not args.source else ''}: the default instructions are used; "
+                  f"known: {', '.join(sorted(table.sources))}", file=sys.stderr)
+        ins = table.lookup(source, allow_unknown=True)
+        print(f"[eval] instructions ({source if table.known(source) else 'default'}): query {ins.query[0]!r}; "
+              f"rerank {ins.rerank!r}", file=sys.stderr)
         model = (Reranker.from_base(args.model, pooling=args.pooling, dtype=args.dtype, query_format=args.query_format)
                  if args.base
                  else Reranker.from_pretrained(args.model, dtype=args.dtype))

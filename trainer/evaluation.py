@@ -82,33 +82,59 @@ def load_beir(path: str | Path, split: str = "test", run_file: str | Path | None
     return EvalSet(d.name, corpus, queries, {q: qrels[q] for q in run}, run, skipped)
 
 
+def _query_text(item: dict, where: str) -> tuple[str, str | None]:
+    """RankGPT's "query": "text", or rank_llm's "query": {"text", "qid"} -> (text, qid or None)."""
+    q = item.get("query")
+    if isinstance(q, str):
+        return q, None
+    if isinstance(q, dict) and isinstance(q.get("text"), str):
+        return q["text"], None if q.get("qid") is None else str(q["qid"])
+    raise ValueError(f"{where}: 'query' must be a string or {{\"text\": ..., \"qid\": ...}} (rank_llm), got "
+                     f"{type(q).__name__}")
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """TREC qrels (`qid 0 docid grade`); a missing file or one without a single judgement is an error."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"qrels file {p} does not exist")
+    qrels: dict[str, dict[str, int]] = {}
+    for line in p.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[3].lstrip("-").isdigit():
+            qrels.setdefault(parts[0], {})[parts[2]] = int(parts[3])
+    if not qrels:
+        raise ValueError(f"qrels file {p} holds no judgement (expected lines `qid 0 docid grade`)")
+    return qrels
+
+
 def load_rankgpt(data_json: str | Path, qrels_path: str | Path | None = None, name: str | None = None) -> EvalSet:
-    """The RankGPT / rank_llm shape: [{"query", "hits": [{"qid", "docid", "content"}]}], plus TREC qrels."""
+    """The RankGPT / rank_llm shape: [{"query": text or {"text", "qid"}, "hits": [{"qid", "docid", "content"}]}],
+    plus TREC qrels (required: without judgements every metric would be undefined)."""
     p = Path(data_json)
+    if qrels_path is None:
+        raise ValueError(f"{p}: RankGPT-style data needs its qrels (--qrels FILE, TREC format)")
+    qrels = read_qrels(qrels_path)
     items = json.loads(p.read_text())
     corpus, queries, run, skipped = {}, {}, {}, Counter()
-    for it in items:
+    for i, it in enumerate(items):
         hits = it.get("hits") or []
+        text, qid = _query_text(it, f"{p} item {i}")
         if not hits:
             skipped["empty_candidate_list"] += 1
             continue
-        q = str(hits[0]["qid"])
-        queries[q] = it["query"]
+        q = qid or str(hits[0]["qid"])
+        queries[q] = text
         run[q] = []
         for h in hits:
             corpus[str(h["docid"])] = h["content"]
             run[q].append(str(h["docid"]))
-    qrels: dict[str, dict[str, int]] = {}
-    if qrels_path is not None:
-        with open(qrels_path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 4:
-                    qrels.setdefault(parts[0], {})[parts[2]] = int(parts[3])
     for q in list(run):
         if q not in qrels:
             skipped["query_without_qrels"] += 1
             del run[q]
+    if not run:
+        raise ValueError(f"{p}: no query has a judgement in {qrels_path} (query ids differ?)")
     return EvalSet(name or p.parent.name, corpus, queries, {q: qrels[q] for q in run}, run, skipped)
 
 
@@ -167,20 +193,27 @@ def evaluate(reranker, es: EvalSet, *, query_instruction: str, rerank_instructio
     bar.close()
     result = {"set": es.name, "queries": len(qids), "first_stage": metrics(es.qrels, first_stage_scores(es)),
               "skipped": dict(es.skipped)}
-    runs = {}
-    if "retrieval" in modes:
-        qe = reranker.embed_queries([es.queries[q] for q in qids], query_instruction)
-        runs["retrieval"] = {q: {d: float(demb[d] @ qe[i]) for d in es.run[q]} for i, q in enumerate(qids)}
-    if "listwise" in modes:
-        slates = [[es.corpus[d] for d in es.run[q][:prompt_k]] for q in qids]
-        pe = np.concatenate([reranker.embed_prompts([es.queries[q] for q in qids[i:i + 8]], slates[i:i + 8],
-                                                    rerank_instruction) for i in range(0, len(qids), 8)])
-        runs["listwise"] = {q: {d: float(demb[d] @ pe[i]) for d in es.run[q]} for i, q in enumerate(qids)}
-    for mode, run in runs.items():
+
+    def done(mode: str, run: dict[str, dict[str, float]]) -> None:
+        # each mode's run file and metrics are written as soon as they exist: a later mode failing loses nothing
         result[mode] = metrics(es.qrels, run)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_trec_run(out_dir / f"{es.name}.{tag}.{mode}.trec", run, f"{tag}-{mode}")
-    if out_dir is not None:
-        (out_dir / f"{es.name}.{tag}.json").write_text(json.dumps(result, indent=1))
+            (out_dir / f"{es.name}.{tag}.json").write_text(json.dumps(result, indent=1))
+
+    if "retrieval" in modes:
+        qe = reranker.embed_queries([es.queries[q] for q in qids], query_instruction)
+        done("retrieval", {q: {d: float(demb[d] @ qe[i]) for d in es.run[q]} for i, q in enumerate(qids)})
+    if "listwise" in modes:
+        slates = [[es.corpus[d] for d in es.run[q][:prompt_k]] for q in qids]
+        pbar = tqdm(total=len(qids), desc=f"[eval {es.name}] listwise prompts", unit="q", disable=not progress)
+        parts = []
+        for i in range(0, len(qids), 8):
+            parts.append(reranker.embed_prompts([es.queries[q] for q in qids[i:i + 8]], slates[i:i + 8],
+                                                rerank_instruction))
+            pbar.update(len(parts[-1]))
+        pbar.close()
+        pe = np.concatenate(parts)
+        done("listwise", {q: {d: float(demb[d] @ pe[i]) for d in es.run[q]} for i, q in enumerate(qids)})
     return result
