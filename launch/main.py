@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `finally` below stops the Ray head
     t0 = time.time()
     out = Path(args.out).resolve()
+    uri = f"sqlite:///{out / 'mlflow.db'}"  # one tracking store for the whole pipeline: both stages, one experiment
     out.mkdir(parents=True, exist_ok=True)
     log = out / "main.log"
     print(f"[main] E2Rank main job -> {out} (details in {log})", flush=True)
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
                        f"pipeline.inputs=[{out / 'corpus' / 'contrastive.jsonl'}]", f"train.shards={out / 'shards-contrastive'}",
                        f"train.model.path={resolve(args.model, weights=True)}", f"train.run.output_dir={out / 'stage1'}",
                        f"train.model.pooling={args.pooling}", *[f"pipeline.{t}" for t in tok],
-                       f"train.run.max_steps={args.stage1_steps}",
+                       f"train.run.max_steps={args.stage1_steps}", f"train.tracking.tracking_uri={uri}",
+                       "train.tracking.run_name=stage1",
                        *([f"train.loss.temperature={args.temperature}"] if args.temperature else []),
                        *([f"train.optim.lr={args.stage1_lr}"] if args.stage1_lr else [])],
              log, "stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-3)")
@@ -172,7 +174,8 @@ def main(argv=None) -> int:
     _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "launch/stage2.py",
           "--config", "recipes/stage2-cpu-demo.yaml", f"shards={out / 'shards-listwise'}",
           f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}", f"model.pooling={args.pooling}",
-          f"run.max_steps={args.stage2_steps}", *([f"loss.temperature={args.temperature}"] if args.temperature else [])],
+          f"run.max_steps={args.stage2_steps}", f"tracking.tracking_uri={uri}", "tracking.run_name=stage2",
+          *([f"loss.temperature={args.temperature}"] if args.temperature else [])],
          log, "stage 2: deepspeed launcher (2 processes, ZeRO-3)")
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         f.unlink(missing_ok=True)
@@ -182,8 +185,7 @@ def main(argv=None) -> int:
     print(table)
     print(f"[main] times: pre-tokenization {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, "
           f"evaluation {t4 - t3:.0f}s, total {t4 - t0:.0f}s")
-    print("[main] MLflow UI: " + " ; ".join(f"mlflow ui --backend-store-uri sqlite:///{out / s / 'mlflow.db'}"
-                                           for s in ("stage1", "stage2")))
+    print(f"[main] MLflow UI (both stages, stage 2 a child of stage 1): mlflow ui --backend-store-uri {uri}")
     return 0
 
 

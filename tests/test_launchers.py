@@ -161,6 +161,25 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
         assert piece in out, piece
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(res) == {"base", "stage 1", "stage 2"} and res["base"]["queries"] == 120
+    # one tracking store: both stages in one experiment, stage 2 a child of stage 1, the exports as artifacts
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}"
+    assert out.count("mlflow ui --backend-store-uri") == 1 and uri in out
+    client = MlflowClient(tracking_uri=uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("e2rank").experiment_id])}
+    assert set(runs) == {"stage1", "stage2"}
+    s1, s2 = runs["stage1"], runs["stage2"]
+    assert s2.data.tags["mlflow.parentRunId"] == s1.info.run_id == s2.data.tags["e2rank.init_run_id"]
+    for r in (s1, s2):
+        assert client.get_metric_history(r.info.run_id, "loss") and r.data.params["stage"] in ("1", "2")
+        assert {"config.yaml", "data_manifest.json", "export"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+    from trainer.reranker import Reranker
+
+    mlflow.set_tracking_uri(uri)
+    rer = Reranker.from_pretrained(f"runs:/{s2.info.run_id}/export")
+    assert rer.embed_queries(["a question"], "Given a question").shape[0] == 1
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
                 and "raylet" in " ".join(p.info["cmdline"] or [])]  # everything it started, it stopped
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

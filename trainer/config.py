@@ -78,6 +78,7 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite in the output folder
     experiment: str = "e2rank"
     run_name: str = ""
+    log_export: bool = True  # the export folder also as the run's `export` artifact (Reranker.from_pretrained("runs:/ID/export"))
 
 
 @dataclass

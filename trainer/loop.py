@@ -4,6 +4,7 @@ chunked encoding is trainer/chunking.py, GradCache trainer/grad_cache.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import shutil
@@ -209,6 +210,19 @@ class Trainer:
         self._log_start()
 
     # -- setup helpers ---------------------------------------------------------------------------------------------
+    def _link_init_run(self) -> None:
+        """Stage 2 from a stage-1 export: tag the run that made it, and make that run the parent when both are in
+        the same tracking store, so the two stages are one tree in one experiment."""
+        info = Path(self.plan.model_path) / "e2rank.json"
+        if not info.is_file():
+            return
+        made_by = json.loads(info.read_text())
+        rid = made_by.get("mlflow_run_id")
+        if rid:
+            self.tracker.tag("e2rank.init_run_id", rid)
+            if made_by.get("tracking_uri") == getattr(self.tracker, "uri", None):
+                self.tracker.tag("mlflow.parentRunId", rid)
+
     def _graph_tokens(self) -> int:
         """Padded tokens whose activations live at once: one GradCache chunk, or a whole micro-batch."""
         cfg, st = self.cfg, self.loader.manifest.get("lengths", {})
@@ -255,6 +269,7 @@ class Trainer:
                 shutil.copy(Path(cfg.shards) / "manifest.json", self.out / "data_manifest.json")
             self.tracker.artifact(self.out / "data_manifest.json")
         self.tracker.tag("resumed_from", self.resumed_from or "")
+        self._link_init_run()
 
     # -- one optimizer step ----------------------------------------------------------------------------------------
     def _backward(self, loss: torch.Tensor, boundary: bool) -> None:
@@ -444,8 +459,11 @@ class Trainer:
         result = {"step": self.step, "run_id": self.tracker.run_id, "info": self.info}
         final = C.latest(self.ckpt_dir)
         if self.step >= self.max_steps and cfg.run.export and final:
-            result["export"] = str(_export(self.engine, cfg, self.plan, self.ckpt_dir, final, self.out))
+            run = {"mlflow_run_id": self.tracker.run_id, "tracking_uri": getattr(self.tracker, "uri", None)}
+            result["export"] = str(_export(self.engine, cfg, self.plan, self.ckpt_dir, final, self.out, run))
             self.tracker.tag("export", result["export"])
+            if cfg.tracking.log_export:
+                self.tracker.artifact_dir(Path(result["export"]), "export")
         self.tracker.close()
         return result
 
@@ -492,7 +510,8 @@ def _dev_eval(engine, cfg: TrainConfig, plan: Plan) -> dict[str, float]:
     return out
 
 
-def _export(engine, cfg: TrainConfig, plan: Plan, ckpt_dir: Path, tag: str, out: Path) -> Path:
+def _export(engine, cfg: TrainConfig, plan: Plan, ckpt_dir: Path, tag: str, out: Path,
+            run: dict[str, Any] | None = None) -> Path:
     """Rank 0 consolidates the last checkpoint; every rank encodes a probe batch so the export can be checked."""
     probe = next(iter(ShardLoader(cfg.shards, cfg.loader, rank=0, world_size=1)))
     engine.eval()
@@ -503,7 +522,8 @@ def _export(engine, cfg: TrainConfig, plan: Plan, ckpt_dir: Path, tag: str, out:
     if D.is_main():
         mf = plan.manifest["config"]["tokenization"]
         info = {"pooling": cfg.model.pooling, "normalize": True, "text_format": mf, "eos_id": plan.manifest["tokenizer"]["eos_id"],
-                "tokenizer_fingerprint": plan.fingerprint, "stage": cfg.stage, "checkpoint": str(ckpt_dir / tag)}
+                "tokenizer_fingerprint": plan.fingerprint, "stage": cfg.stage, "checkpoint": str(ckpt_dir / tag),
+                **(run or {})}
         C.export(ckpt_dir, tag, plan.model_path, plan.model_path, export_dir, info)
         torch.save({"input_ids": probe["doc_input_ids"], "attention_mask": probe["doc_attention_mask"], "embeddings": emb},
                    out / "probe_embeddings.pt")

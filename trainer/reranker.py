@@ -74,7 +74,12 @@ class Reranker:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kw) -> Reranker:
-        """An export written by the trainer (it holds e2rank.json: pooling and text format)."""
+        """An export written by the trainer (it holds e2rank.json: pooling and text format): a folder, or an MLflow
+        artifact URI such as `runs:/<run_id>/export` (downloaded from the tracking store MLFLOW_TRACKING_URI)."""
+        if str(path).startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+            import mlflow
+
+            path = mlflow.artifacts.download_artifacts(artifact_uri=str(path))
         p = Path(path)
         info_path = p / EXPORT_INFO
         if not info_path.is_file():

@@ -37,6 +37,15 @@ class Tracker:
             import mlflow
 
             mlflow.set_tracking_uri(uri)
+            if mlflow.get_experiment_by_name(experiment) is None:
+                # a local store keeps artifacts beside its database, not in ./mlruns of whatever folder the process
+                # ran in (a Ray job's working directory is a temporary copy)
+                loc = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri() \
+                    if uri.startswith("sqlite:///") else None
+                try:
+                    mlflow.create_experiment(experiment, artifact_location=loc)
+                except Exception:  # another process created it meanwhile
+                    pass
             mlflow.set_experiment(experiment)
             run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name or None)
             self.run_id = run.info.run_id
@@ -69,6 +78,10 @@ class Tracker:
     def artifact(self, path: Path) -> None:
         if self.enabled and path.exists():
             self._call("log_artifact", str(path))
+
+    def artifact_dir(self, path: Path, name: str) -> None:
+        if self.enabled and path.is_dir():
+            self._call("log_artifacts", str(path), artifact_path=name)
 
     def tag(self, key: str, value: str) -> None:
         if self.enabled:
