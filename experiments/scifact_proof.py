@@ -125,6 +125,7 @@ class Runner:
                      "eval.source=scifact", f"eval.every={every}", f"eval.max_queries={a.dev_queries}",
                      f"deepspeed.zero_stage={a.zero_stage}", f"tracking.experiment={a.experiment}",
                      f"tracking.run_name={name}", f"encode.chunk_tokens={a.chunk_tokens}",
+                     f"encode.min_chunk_efficiency={a.chunk_efficiency}",
                      # parallel runs each keep their own store (sqlite has one writer); `report` imports them all
                      f"tracking.tracking_uri={tracking_uri(a) if a.jobs == 1 else 'sqlite:///' + str((folder / 'mlflow.db').resolve())}"]
         if a.profile_step and name == self.first_run:
@@ -420,6 +421,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dev-queries", type=int, default=100)
     ap.add_argument("--zero-stage", type=int, default=3)
     ap.add_argument("--chunk-tokens", type=int, default=16384)
+    ap.add_argument("--chunk-efficiency", type=float, default=0.95, help="encode.min_chunk_efficiency (lower on GPUs)")
     ap.add_argument("--grad-ckpt", default="false")
     ap.add_argument("--train-deadline", type=float, default=0, help="seconds after which `run` starts no training")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which `run` starts nothing new")

@@ -33,6 +33,14 @@ def test_plan_covers_every_sequence_once_within_budget():
     assert real / padded > 0.95 > 0.6 > real / whole  # the padded batch wastes most of its tokens; the chunks do not
 
 
+def test_a_lower_efficiency_floor_gives_fewer_wider_chunks():
+    lengths = np.random.default_rng(1).integers(20, 257, 128)  # a stage-1 batch of documents, <= 256 tokens
+    tight, loose = (plan_chunks(lengths, budget=65536, multiple=8, min_efficiency=e) for e in (0.95, 0.5))
+    assert len(loose) < len(tight) and len(loose) <= 3
+    for chunks in (tight, loose):
+        assert sorted(np.concatenate(chunks).tolist()) == list(range(128))
+
+
 def test_plan_to_an_exact_chunk_count_and_refusals():
     lengths = [5, 300, 7, 290, 6, 8]
     greedy = plan_chunks(lengths, budget=1024, min_efficiency=0.0)
@@ -95,6 +103,12 @@ def test_chunked_and_cached_equal_the_padded_batch(tiny, stage):
     padded = sum(batch[f"{f}_input_ids"].numel() for f in ("query", "doc", "prompt") if f"{f}_input_ids" in batch)
     assert stats.padded < padded and stats.real == sum(
         int(batch[f"{f}_attention_mask"].sum()) for f in ("query", "doc", "prompt") if f"{f}_input_ids" in batch)
+
+    enc = tiny()  # a low efficiency floor changes the chunks, never the result
+    loose = compute(enc, batch, stage, LossConfig(), chunk_tokens=64, min_efficiency=0.3)
+    loose["loss"].backward()
+    assert loose["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
+    _close(_grads(enc), ref_g)
 
     enc = tiny()
     step = CachedStep(enc, chunk_tokens=16)

@@ -103,20 +103,22 @@ def pad_multiple(t: torch.Tensor) -> int:
     return 8 if t.is_cuda else 1
 
 
-def plan_synced(mask: torch.Tensor, budget: int, multiple: int = 8, sync: bool = True) -> list[np.ndarray]:
+def plan_synced(mask: torch.Tensor, budget: int, multiple: int = 8, sync: bool = True,
+                min_efficiency: float = 0.95) -> list[np.ndarray]:
     """plan_chunks with the chunk count agreed across ranks (same number of forwards everywhere)."""
     lengths = mask.sum(1).cpu().numpy()
-    n = len(plan_chunks(lengths, budget, multiple))
+    n = len(plan_chunks(lengths, budget, multiple, min_efficiency=min_efficiency))
     if sync:
         n = D.max_across(n)
-    return plan_chunks(lengths, budget, multiple, n_chunks=n)
+    return plan_chunks(lengths, budget, multiple, n_chunks=n, min_efficiency=min_efficiency)
 
 
 def encode_chunked(encode: Encode, ids: torch.Tensor, mask: torch.Tensor, budget: int, *, name: str = "",
-                   stats: ChunkStats | None = None, multiple: int | None = None, sync: bool = True) -> torch.Tensor:
+                   stats: ChunkStats | None = None, multiple: int | None = None, sync: bool = True,
+                   min_efficiency: float = 0.95) -> torch.Tensor:
     """Embeddings [N, D] of a padded batch, in its order, computed chunk by chunk (with the autograd graph if on)."""
     multiple = multiple or pad_multiple(ids)
-    chunks = plan_synced(mask, budget, multiple, sync)
+    chunks = plan_synced(mask, budget, multiple, sync, min_efficiency)
     parts, order = [], []
     for idx in chunks:
         cids, cmask = chunk_view(ids, mask, idx, multiple)

@@ -22,6 +22,10 @@ class EncodeConfig:
     """How a micro-batch reaches the backbone (trainer/chunking.py, trainer/grad_cache.py)."""
 
     chunk_tokens: int = 8192  # max padded tokens per forward (length-grouped chunks); 0 = one padded batch per field
+    # a chunk holds sequences while real/padded tokens stay >= this: 0.95 suits CPUs (padding is compute); on GPUs
+    # small models are kernel-launch bound (an H200 profile of SmolLM2: 6.5 s CPU for 0.62 s CUDA per step, from
+    # ~24 chunk forwards), so a lower floor (fewer, wider forwards) is the knob to try there
+    min_chunk_efficiency: float = 0.95
     grad_cache: bool = False  # GradCache: loss on graph-free embeddings, then re-encode chunk by chunk (memory ~ 1 chunk)
     max_memory_gb: float = 0.0  # refuse to start if the per-rank estimate exceeds this; 0 = the free memory now
 
@@ -134,6 +138,8 @@ class TrainConfig:
             raise ValueError("eval.qrels: a RankGPT-style eval.data (.json) needs its qrels file (TREC format)")
         if self.encode.chunk_tokens < 0:
             raise ValueError("encode.chunk_tokens must be >= 0 (0 = one padded forward per field)")
+        if not 0.0 <= self.encode.min_chunk_efficiency <= 1.0:
+            raise ValueError("encode.min_chunk_efficiency must be in [0, 1]")
         if self.encode.grad_cache and not self.encode.chunk_tokens:
             raise ValueError("encode.grad_cache needs encode.chunk_tokens > 0 (the chunk held with a graph)")
         if self.run.time_budget_s < 0:

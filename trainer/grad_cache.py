@@ -35,10 +35,11 @@ def _set_rng_state(s: tuple) -> None:
 
 
 class CachedStep:
-    def __init__(self, encode: Encode, chunk_tokens: int, multiple: int | None = None):
+    def __init__(self, encode: Encode, chunk_tokens: int, multiple: int | None = None, min_efficiency: float = 0.95):
         if chunk_tokens <= 0:
             raise ValueError("GradCache needs a chunk size: encode.chunk_tokens > 0")
         self.encode, self.chunk_tokens, self.multiple = encode, chunk_tokens, multiple
+        self.min_efficiency = min_efficiency
         self._pending: dict[str, Any] | None = None
 
     def forward(self, batch: dict[str, Any], stage: int, cfg: LossConfig,
@@ -51,7 +52,7 @@ class CachedStep:
                 ids, mask = batch[f"{f}_input_ids"], batch[f"{f}_attention_mask"]
                 multiple = self.multiple or pad_multiple(ids)
                 parts, order = [], []
-                for idx in plan_synced(mask, self.chunk_tokens, multiple):
+                for idx in plan_synced(mask, self.chunk_tokens, multiple, min_efficiency=self.min_efficiency):
                     cids, cmask = chunk_view(ids, mask, idx, multiple)
                     rng = _rng_state()
                     parts.append(self.encode(cids, cmask))

@@ -191,7 +191,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda))
-        self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens) if cfg.encode.grad_cache else None
+        self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens, min_efficiency=cfg.encode.min_chunk_efficiency) \
+            if cfg.encode.grad_cache else None
 
         self.step, run_id = 0, None
         self.max_steps = cfg.run.max_steps  # lowered by run.time_budget_s (fit_budget), saved with checkpoints
@@ -297,7 +298,8 @@ class Trainer:
             if self.cache:
                 terms = self.cache.forward(batch, cfg.stage, cfg.loss, stats)
             else:
-                terms = compute(self.engine, batch, cfg.stage, cfg.loss, cfg.encode.chunk_tokens, stats)
+                terms = compute(self.engine, batch, cfg.stage, cfg.loss, cfg.encode.chunk_tokens, stats,
+                                cfg.encode.min_chunk_efficiency)
             clock.lap("forward")
             if D.mean_across(torch.isfinite(terms["loss"]).float()).item() < 1.0:  # any rank: all skip, in step
                 self._skip(terms)

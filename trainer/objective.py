@@ -29,10 +29,10 @@ def fields(stage: int) -> tuple[str, ...]:
 
 
 def embed_batch(encode: Encode, batch: dict[str, Any], stage: int, chunk_tokens: int = 0,
-                stats: ChunkStats | None = None) -> dict[str, torch.Tensor]:
+                stats: ChunkStats | None = None, min_efficiency: float = 0.95) -> dict[str, torch.Tensor]:
     """{field: [N, D] fp32 embeddings} in batch order; chunk_tokens <= 0 encodes each field as one padded batch."""
     return {f: encode_chunked(encode, batch[f"{f}_input_ids"], batch[f"{f}_attention_mask"], chunk_tokens, name=f,
-                              stats=stats) for f in fields(stage)}
+                              stats=stats, min_efficiency=min_efficiency) for f in fields(stage)}
 
 
 def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, cfg: LossConfig) -> dict[str, torch.Tensor]:
@@ -63,5 +63,5 @@ def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, 
 
 
 def compute(encode: Encode, batch: dict[str, Any], stage: int, cfg: LossConfig, chunk_tokens: int = 0,
-            stats: ChunkStats | None = None) -> dict[str, torch.Tensor]:
-    return loss_terms(embed_batch(encode, batch, stage, chunk_tokens, stats), batch, stage, cfg)
+            stats: ChunkStats | None = None, min_efficiency: float = 0.95) -> dict[str, torch.Tensor]:
+    return loss_terms(embed_batch(encode, batch, stage, chunk_tokens, stats, min_efficiency), batch, stage, cfg)
