@@ -319,12 +319,21 @@ def _build_with_ray(cfg: PipelineConfig, todo: list[dict], out: Path, log) -> No
         )
         bar = _progress(len(todo), cfg.progress)
         t0, recs = time.time(), 0
-        for row in ds.iter_rows():
-            s = json.loads(row["stats"])
-            recs += s["records"]
-            bar.update(1)
-            bar.set_postfix(records_per_s=f"{recs / max(time.time() - t0, 1e-6):.0f}", refresh=False)
-        bar.close()
+        try:
+            for row in ds.iter_rows():
+                s = json.loads(row["stats"])
+                recs += s["records"]
+                bar.update(1)
+                bar.set_postfix(records_per_s=f"{recs / max(time.time() - t0, 1e-6):.0f}", refresh=False)
+        except Exception as e:  # an actor failed; Ray wraps the cause: name it, in one line
+            if "No space left on device" in str(e) or "Errno 28" in str(e):
+                raise PipelineError(
+                    f"out of disk space writing shards to {out}: no manifest was written and no partial shard is "
+                    "left under a final name; free space (or choose another output) and re-run: finished shards "
+                    "are kept and only the rest is built") from e
+            raise
+        finally:
+            bar.close()
     finally:
         if started:
             ray.shutdown()

@@ -98,11 +98,15 @@ def encode_sample(key: str, kind: str, arrays: dict[str, np.ndarray], meta: dict
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:  # a full disk or a kill: never leave the partial bytes behind, even under a hidden name
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_shard(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, str]:
