@@ -162,7 +162,7 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(res) == {"base", "stage 1", "stage 2"} and res["base"]["queries"] == 120
     # one tracking store: both stages in one experiment, stage 2 a child of stage 1, the exports as artifacts
-    import mlflow
+    # (no mlflow.set_tracking_uri here: it exports MLFLOW_TRACKING_URI to every later test's subprocesses)
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}"
@@ -177,8 +177,8 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
         assert {"config.yaml", "data_manifest.json", "export"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
     from trainer.reranker import Reranker
 
-    mlflow.set_tracking_uri(uri)
-    rer = Reranker.from_pretrained(f"runs:/{s2.info.run_id}/export")
+    rer = Reranker.from_pretrained(f"runs:/{s2.info.run_id}/export", tracking_uri=uri)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     assert rer.embed_queries(["a question"], "Given a question").shape[0] == 1
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
                 and "raylet" in " ".join(p.info["cmdline"] or [])]  # everything it started, it stopped

@@ -73,13 +73,13 @@ class Reranker:
         self._doc_cache: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kw) -> Reranker:
+    def from_pretrained(cls, path: str | Path, tracking_uri: str | None = None, **kw) -> Reranker:
         """An export written by the trainer (it holds e2rank.json: pooling and text format): a folder, or an MLflow
-        artifact URI such as `runs:/<run_id>/export` (downloaded from the tracking store MLFLOW_TRACKING_URI)."""
+        artifact URI such as `runs:/<run_id>/export`, downloaded from `tracking_uri` (default: MLFLOW_TRACKING_URI)."""
         if str(path).startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
             import mlflow
 
-            path = mlflow.artifacts.download_artifacts(artifact_uri=str(path))
+            path = mlflow.artifacts.download_artifacts(artifact_uri=str(path), tracking_uri=tracking_uri)
         p = Path(path)
         info_path = p / EXPORT_INFO
         if not info_path.is_file():
