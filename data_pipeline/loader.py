@@ -303,12 +303,23 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume right after the saved position. The world size, per-rank batch and grad_accum may change when the
+        global batch does not: the epoch plan depends only on it (and the seed), and the new ranks' slices of each
+        global batch concatenate, in rank order, to the old ones."""
         mine = self.state_dict()
-        for k in ("world_size", "config", "plan"):
-            if state.get(k) != mine[k]:
-                raise LoaderError(
-                    f"cannot resume exactly: loader {k} was {state.get(k)!r}, now {mine[k]!r}; "
-                    "resume with the same shards, world size and loader settings"
-                )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        was, now = state.get("config", {}), mine["config"]
+        fixed = ("same_source", "seed", "negatives_per_query", "slate_size")
+        g_was = was.get("batch_size", 0) * state.get("world_size", 0) * was.get("grad_accum", 0)
+        g_now = now["batch_size"] * self.world_size * now["grad_accum"]
+        problems = [f"plan was {state.get('plan')!r}, now {mine['plan']!r}"] if state.get("plan") != mine["plan"] else []
+        problems += [f"loader.{k} was {was.get(k)!r}, now {now[k]!r}" for k in fixed if was.get(k) != now[k]]
+        if g_was != g_now:
+            problems.append(f"the global batch (batch_size x world x grad_accum) was {g_was}, now {g_now}")
+        if int(state["position"]) % max(was.get("grad_accum", 1), 1):
+            problems.append(f"position {state['position']} is inside an accumulation step")
+        if problems:
+            raise LoaderError(f"cannot resume exactly: {'; '.join(problems)}; resume with the same shards, seed and "
+                              "global batch")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"]) // was["grad_accum"] * now["grad_accum"]
         self.real_tokens, self.padded_tokens = int(state["real_tokens"]), int(state["padded_tokens"])

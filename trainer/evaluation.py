@@ -138,15 +138,26 @@ def load_rankgpt(data_json: str | Path, qrels_path: str | Path | None = None, na
     return EvalSet(name or p.parent.name, corpus, queries, {q: qrels[q] for q in run}, run, skipped)
 
 
-def metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+def relevance_threshold(qrels: dict[str, dict[str, int]]) -> tuple[int, str]:
+    """The grade from which a document counts as relevant for the binary metrics (MRR@10, Recall@100; trec_eval's
+    -l): 2 on TREC Deep Learning's 0-3 scale, as TREC DL and Pyserini report them; 1 elsewhere, as BEIR does."""
+    top = max((g for q in qrels.values() for g in q.values()), default=1)
+    if top >= 3:
+        return 2, "graded qrels on a 0-3 scale: TREC Deep Learning convention (trec_eval -l 2)"
+    return 1, "any positive grade (BEIR convention, trec_eval -l 1)"
+
+
+def metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], level: int = 1) -> dict[str, float]:
+    """NDCG@10 on the grades; MRR@10 and Recall@100 count grades >= `level` as relevant."""
     import pytrec_eval
 
-    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"})
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"})
+    binary = pytrec_eval.RelevanceEvaluator(qrels, {"recall.100"}, relevance_level=level)
     top10 = {q: dict(sorted(s.items(), key=lambda x: (-x[1], x[0]))[:10]) for q, s in run.items()}
-    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)  # MRR@10: rank beyond 10 counts 0
-    per = ev.evaluate(run)
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}, relevance_level=level).evaluate(top10)  # beyond 10: 0
+    per, rec = ev.evaluate(run), binary.evaluate(run)
     out = {"NDCG@10": float(np.mean([v["ndcg_cut_10"] for v in per.values()])),
-           "Recall@100": float(np.mean([v["recall_100"] for v in per.values()])),
+           "Recall@100": float(np.mean([v["recall_100"] for v in rec.values()])),
            "MRR@10": float(np.mean([v["recip_rank"] for v in rr.values()]))}
     return {k: round(v, 4) for k, v in out.items()}
 
@@ -180,40 +191,46 @@ def first_stage_scores(es: EvalSet) -> dict[str, dict[str, float]]:
     return {q: {d: float(len(docs) - i) for i, d in enumerate(docs)} for q, docs in es.run.items()}
 
 
-def evaluate(reranker, es: EvalSet, *, query_instruction: str, rerank_instruction: str,
+def evaluate(reranker, es: EvalSet, *, query_instruction: str = "", rerank_instruction: str = "",
              modes=("retrieval", "listwise"), prompt_k: int = 20, out_dir: Path | None = None, tag: str = "model",
-             progress: bool = True) -> dict:
-    """Score es.run's candidates in each mode; returns {"first_stage": metrics, mode: metrics, "skipped": {...}}."""
+             progress: bool = True, level: int | None = None) -> dict:
+    """Score es.run's candidates in each mode; returns {"first_stage": metrics, mode: metrics, "skipped": {...},
+    "relevance_threshold": {...}}. Mode "first_stage" alone needs no model (reranker may be None). `level`: the
+    grade from which MRR@10 / Recall@100 count a document relevant (None: relevance_threshold's convention)."""
     from tqdm import tqdm
 
     qids = sorted(es.run)
-    needed = {d: es.corpus[d] for q in qids for d in es.run[q]}
-    bar = tqdm(total=len(needed), desc=f"[eval {es.name}] documents", unit="doc", disable=not progress)
-    demb = reranker.embed_documents(needed, progress=bar)
-    bar.close()
-    result = {"set": es.name, "queries": len(qids), "first_stage": metrics(es.qrels, first_stage_scores(es)),
-              "skipped": dict(es.skipped)}
+    rule = "set by the caller"
+    if level is None:
+        level, rule = relevance_threshold(es.qrels)
+    result = {"set": es.name, "queries": len(qids), "skipped": dict(es.skipped),
+              "relevance_threshold": {"grade": level, "applies_to": ["MRR@10", "Recall@100"], "rule": rule}}
 
     def done(mode: str, run: dict[str, dict[str, float]]) -> None:
         # each mode's run file and metrics are written as soon as they exist: a later mode failing loses nothing
-        result[mode] = metrics(es.qrels, run)
+        result[mode] = metrics(es.qrels, run, level)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_trec_run(out_dir / f"{es.name}.{tag}.{mode}.trec", run, f"{tag}-{mode}")
             (out_dir / f"{es.name}.{tag}.json").write_text(json.dumps(result, indent=1))
 
-    if "retrieval" in modes:
-        qe = reranker.embed_queries([es.queries[q] for q in qids], query_instruction)
+    done("first_stage", first_stage_scores(es))
+    model_modes = [m for m in modes if m != "first_stage"]
+    if not model_modes:
+        return result
+    # progress in tokens, not items: the longest sequences go first, so a per-item rate would promise too much
+    bar = lambda what: tqdm(desc=f"[eval {es.name}] {what}", unit="tok", unit_scale=True,  # noqa: E731
+                            disable=not progress)
+    needed = {d: es.corpus[d] for q in qids for d in es.run[q]}
+    with bar(f"{len(needed)} documents") as b:
+        demb = reranker.embed_documents(needed, progress=b)
+    if "retrieval" in model_modes:
+        with bar(f"{len(qids)} queries") as b:
+            qe = reranker.embed_queries([es.queries[q] for q in qids], query_instruction, progress=b)
         done("retrieval", {q: {d: float(demb[d] @ qe[i]) for d in es.run[q]} for i, q in enumerate(qids)})
-    if "listwise" in modes:
+    if "listwise" in model_modes:
         slates = [[es.corpus[d] for d in es.run[q][:prompt_k]] for q in qids]
-        pbar = tqdm(total=len(qids), desc=f"[eval {es.name}] listwise prompts", unit="q", disable=not progress)
-        parts = []
-        for i in range(0, len(qids), 8):
-            parts.append(reranker.embed_prompts([es.queries[q] for q in qids[i:i + 8]], slates[i:i + 8],
-                                                rerank_instruction))
-            pbar.update(len(parts[-1]))
-        pbar.close()
-        pe = np.concatenate(parts)
+        with bar(f"{len(qids)} listwise prompts") as b:
+            pe = reranker.embed_prompts([es.queries[q] for q in qids], slates, rerank_instruction, progress=b)
         done("listwise", {q: {d: float(demb[d] @ pe[i]) for d in es.run[q]} for i, q in enumerate(qids)})
     return result

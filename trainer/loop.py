@@ -94,7 +94,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Plan:
     return Plan(model_path, manifest, fp)
 
 
-def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False) -> dict[str, Any]:
+def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False, universal: bool = False) -> dict[str, Any]:
     z: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage >= 2 and not cuda:
         # On CPU, buckets sized to the model (as HF's "auto"): DeepSpeed's 5e8-element defaults allocate GBs per
@@ -120,6 +120,8 @@ def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False) -> 
             "warmup_min_lr": 0.0 if cfg.optim.warmup_steps else cfg.optim.lr, "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": max(cfg.optim.warmup_steps, 1),
             "total_num_steps": cfg.run.max_steps, "warmup_type": "linear"}},
         "steps_per_print": 10**9,
+        # resuming a checkpoint written by another number of ranks (checkpoint.to_universal)
+        **({"checkpoint": {"load_universal": True}} if universal else {}),
     }
 
 
@@ -175,8 +177,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        self.resumed_from, self.reshard = self._find_checkpoint()
         if self.rank == 0:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             save(cfg, self.out / "config.yaml")
         kind = "contrastive" if cfg.stage == 1 else "listwise"
         self.loader = ShardLoader(cfg.shards, cfg.loader, rank=self.rank, world_size=self.world, kind=kind,
@@ -190,7 +192,7 @@ class Trainer:
         model = Encoder(backbone, cfg.model.pooling)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda))
+            config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda, self.reshard))
         self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens, min_efficiency=cfg.encode.min_chunk_efficiency) \
             if cfg.encode.grad_cache else None
 
@@ -198,9 +200,8 @@ class Trainer:
         self.max_steps = cfg.run.max_steps  # lowered by run.time_budget_s (fit_budget), saved with checkpoints
         self.step_times: list[float] = []
         self.eval_times: list[float] = []
-        self.resumed_from = C.latest(self.ckpt_dir)
         if self.resumed_from:
-            state = C.load(self.engine, self.ckpt_dir, self.resumed_from)
+            state = C.load(self.engine, self.ckpt_dir, self.resumed_from, universal=self.reshard)
             self.loader.load_state_dict(state["loader"])
             self.step, run_id = state["step"], state.get("mlflow_run_id")
             self._set_max_steps(min(self.max_steps, state.get("max_steps", self.max_steps)), "resumed")
@@ -211,6 +212,36 @@ class Trainer:
         self._log_start()
 
     # -- setup helpers ---------------------------------------------------------------------------------------------
+    def _find_checkpoint(self) -> tuple[str | None, bool]:
+        """The checkpoint to resume from, and whether it was written by another number of ranks. Then the global
+        batch is kept (per-rank batch size adjusted, or a clear error) and rank 0 converts it to DeepSpeed's
+        universal format, which every rank re-partitions on load (node loss is the common case on clusters)."""
+        if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if gone := C.clean(self.ckpt_dir):
+                log.warning("[train] removed what an interrupted save left: %s", ", ".join(gone))
+        C._barrier()
+        tag = C.latest(self.ckpt_dir)
+        if not tag or (old := C.saved_world(self.ckpt_dir, tag)) == self.world:
+            return tag, False
+        lc = self.cfg.loader
+        was = C.trainer_state(self.ckpt_dir, tag)["loader"]["config"]
+        g = was["batch_size"] * old * was["grad_accum"]
+        if lc.batch_size * self.world * lc.grad_accum != g:
+            if g % (self.world * lc.grad_accum):
+                raise PreflightError(
+                    f"checkpoint {tag} was written by {old} ranks with a global batch of {g}; it does not divide "
+                    f"across {self.world} ranks x loader.grad_accum={lc.grad_accum}: set loader.grad_accum so that "
+                    f"{self.world} x grad_accum divides {g}")
+            lc.batch_size = g // (self.world * lc.grad_accum)
+        log.info("[train] resuming %s (written by %d ranks) on %d: global batch %d kept as loader.batch_size=%d x "
+                 "%d ranks x grad_accum=%d; converting to a universal checkpoint", tag, old, self.world, g,
+                 lc.batch_size, self.world, lc.grad_accum)
+        if self.rank == 0:
+            C.to_universal(self.ckpt_dir, tag)
+        C._barrier()
+        return tag, True
+
     def _link_init_run(self) -> None:
         """Stage 2 from a stage-1 export: tag the run that made it, and make that run the parent when both are in
         the same tracking store, so the two stages are one tree in one experiment."""

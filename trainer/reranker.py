@@ -130,13 +130,15 @@ class Reranker:
         chunks = []
         plan = plan_chunks([len(s) for s in seqs], self.chunk_tokens)
         plan = [c[i : i + self.batch_size] for c in plan for i in range(0, len(c), self.batch_size)]
+        if progress is not None:  # a tqdm bar counting tokens
+            progress.reset(total=sum(len(s) for s in seqs))
         for idx in plan:
             ids, mask = left_pad([seqs[j] for j in idx], self.text.pad_id, 8)
             e = self.encode(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
             chunks.append((idx, e))
             self.forward_calls += len(idx)
             if progress is not None:
-                progress.update(len(idx))
+                progress.update(sum(len(seqs[j]) for j in idx))
         if chunks:
             out = np.zeros((len(seqs), chunks[0][1].shape[1]), np.float32)
             for idx, e in chunks:
@@ -155,13 +157,14 @@ class Reranker:
             self._doc_cache.update(zip(todo, embs))
         return {d: self._doc_cache[d] for d in docs}
 
-    def embed_queries(self, queries: Sequence[str], instruction: str) -> np.ndarray:
-        return self._encode_ids(self.text.encode_queries(list(queries), [instruction] * len(queries)))
+    def embed_queries(self, queries: Sequence[str], instruction: str, progress=None) -> np.ndarray:
+        return self._encode_ids(self.text.encode_queries(list(queries), [instruction] * len(queries)), progress)
 
-    def embed_prompts(self, queries: Sequence[str], slates: Sequence[Sequence[str]], instruction: str) -> np.ndarray:
+    def embed_prompts(self, queries: Sequence[str], slates: Sequence[Sequence[str]], instruction: str,
+                      progress=None) -> np.ndarray:
         prompts = [ids for ids, _ in self.text.encode_listwise(list(queries), [list(s) for s in slates],
                                                                 [instruction] * len(queries))]
-        return self._encode_ids(prompts)
+        return self._encode_ids(prompts, progress)
 
     def rerank(self, query: str, documents: Sequence[str], instruction: str, top_k_prompt: int = 20,
                doc_embeddings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
