@@ -62,11 +62,11 @@ def make_batches(args, n_batches: int) -> list[dict]:
     import numpy as np
     import torch
 
+    from common.pretrained import load_tokenizer
     from data_pipeline.beir import load_corpus, load_qrels, load_queries
     from data_pipeline.instructions import InstructionTable
-    from data_pipeline.loader import left_pad
-    from data_pipeline.pretrained import load_tokenizer
     from data_pipeline.text import TextEncoder, TokenizationConfig
+    from trainer.loader import left_pad
 
     d = Path(args.data)
     corpus, queries = load_corpus(d / "corpus.jsonl"), load_queries(d / "queries.jsonl")

@@ -20,22 +20,17 @@ sys.path.insert(0, str(ROOT))
 
 def slates(data: Path, out: Path, k: int = 16) -> None:
     """SciFact train: the qrels positive + BM25 candidates, 16 per query (lengths are what matter here)."""
-    import bm25s
-
-    from data_pipeline.beir import load_corpus, load_qrels, load_queries
+    from data_pipeline.beir import bm25_search, load_corpus, load_qrels, load_queries
 
     corpus, queries = load_corpus(data / "corpus.jsonl"), load_queries(data / "queries.jsonl")
     qrels = load_qrels(data / "qrels" / "train.tsv")
-    ids = sorted(corpus)
-    bm = bm25s.BM25(k1=0.9, b=0.4)
-    bm.index(bm25s.tokenize([corpus[i] for i in ids], stopwords="en", show_progress=False), show_progress=False)
     qids = [q for q in sorted(qrels) if q in queries]
-    hits, _ = bm.retrieve(bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False), k=k + 5,
-                          show_progress=False)
+    top = bm25_search(corpus, {q: queries[q] for q in qids}, k + 5)
+    hits = [top[q] for q in qids]
     with open(out, "w") as f:
         for q, row in zip(qids, hits):
             pos = [c for c in qrels[q] if c in corpus][:1]
-            docs = pos + [ids[j] for j in row if ids[j] not in pos][: k - len(pos)]
+            docs = pos + [d for d in row if d not in pos][: k - len(pos)]
             f.write(json.dumps({"query": queries[q], "document": [corpus[d] for d in docs],
                                 "ranking": list(range(1, len(docs) + 1)), "source": "scifact"}) + "\n")
 
@@ -51,9 +46,9 @@ def main() -> int:
     from data_pipeline.beir import bm25_contrastive
     from data_pipeline.config import PipelineConfig
     from data_pipeline.job import run
-    from data_pipeline.loader import LoaderConfig, ShardLoader
     from data_pipeline.text import TokenizationConfig
     from trainer.chunking import chunk_view, plan_chunks
+    from trainer.loader import LoaderConfig, ShardLoader
 
     data = Path(args.data)
     tok = str(data / "tokenizers" / "qwen3")

@@ -37,8 +37,8 @@ def st_worker(args) -> int:
     from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
     from torch.nn.parallel import DistributedDataParallel
 
+    from common.pretrained import resolve
     from data_pipeline.instructions import InstructionTable
-    from data_pipeline.pretrained import resolve
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

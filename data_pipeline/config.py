@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.typed_config import fingerprint, to_dict
+
 from .text import TokenizationConfig
-from .typed_config import fingerprint, to_dict
 
 # Fields that change where or how fast the job runs, not what it writes: excluded from the config hash.
 RUNTIME_ONLY = ("inputs", "output", "num_workers", "ray_address", "progress", "overwrite")

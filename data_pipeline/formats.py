@@ -27,10 +27,6 @@ REASONS = (
     "prompt_budget",
 )
 
-# Keys that real corpora carry and that we read or knowingly ignore (FlagEmbedding, E5/echo, E2Rank, BEIR ids).
-_IGNORED_KEYS = {"pos_scores", "neg_scores", "type", "id", "_id", "qid", "query_id", "meta", "metadata"}
-
-
 class BadRecord(Exception):
     def __init__(self, reason: str, detail: str):
         assert reason in REASONS, reason
@@ -190,9 +186,3 @@ def parse_listwise(obj: dict) -> ListwiseRecord:
     order = tuple(sorted(range(len(docs)), key=lambda i: -rel[i]))  # stable: ties keep the stored order
     grades = sorted(set(rel), reverse=True)
     return ListwiseRecord(query, docs, order, _source(obj), tuple(grades.index(g) for g in rel))
-
-
-def unknown_keys(obj: dict, kind: str) -> list[str]:
-    known = {"query", "source", "instruction", "prompt"} | _IGNORED_KEYS
-    known |= {"pos", "neg", "positive", "negative"} if kind == "contrastive" else {"document", "ranking", "relevance"}
-    return sorted(set(obj) - known)

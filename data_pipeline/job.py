@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from common.ray_head import ray_temp_dir
+from common.typed_config import to_dict
+
 from .build import PARTS, ShardBuilder, quarantine_path
 from .config import PipelineConfig
 from .instructions import InstructionTable
 from .shards import MANIFEST, SCHEMA_VERSION, atomic_write_bytes, verify, write_manifest
 from .text import TextEncoder
-from .typed_config import to_dict
 
 INPUT_SUFFIXES = {".jsonl": "jsonl", ".parquet": "parquet"}
 
@@ -142,7 +144,7 @@ class _RayShardActor:
 
     def __init__(self, cfg_dict: dict, out_dir: str):
         os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one core per actor, as Ray accounts it
-        from .typed_config import from_dict
+        from common.typed_config import from_dict
 
         self.builder = ShardBuilder(from_dict(PipelineConfig, cfg_dict))
         self.out = Path(out_dir)
@@ -153,15 +155,6 @@ class _RayShardActor:
             stats = self.builder.build(json.loads(plan_json), self.out)
             out.append(json.dumps({k: stats[k] for k in ("shard", "samples", "records", "bad")}))
         return {"stats": out}
-
-
-def ray_temp_dir() -> str:
-    """A session folder of our own for each Ray instance we start: Ray's shared /tmp/ray/ray_current_cluster would
-    otherwise hand jobs the address of whichever instance on the machine wrote it last. Short, because Ray's unix
-    socket paths under it must stay below 108 bytes."""
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="e2r-", dir="/tmp")
 
 
 def _ray_init(cfg: PipelineConfig):

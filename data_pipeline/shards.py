@@ -122,6 +122,24 @@ def write_shard(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, 
     return len(data), hashlib.sha256(data).hexdigest()
 
 
+def decode_sample(key: str, members: dict[str, bytes], kind: str, where: str) -> dict[str, Any]:
+    """One sample from its tar members' bytes (`<field>.npy` arrays, `<field>.json` metadata), as both readers
+    (random access here, streaming in trainer/stream.py) return it; `where` names the shard in errors."""
+    out: dict[str, Any] = {"__key__": key}
+    for name, raw in members.items():
+        try:
+            if name.endswith(".npy"):
+                out[name[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
+            elif name.endswith(".json"):
+                out[name[:-5]] = json.loads(raw)
+        except (ValueError, EOFError, OSError) as e:
+            raise ShardFormatError(f"{where}: sample {key} member {name} is unreadable ({e}); {REBUILD}") from e
+    missing = set(FIELDS[kind]) - set(out)
+    if missing:
+        raise ShardFormatError(f"{where}: sample {key} lacks {sorted(missing)}")
+    return out
+
+
 class ShardReader:
     """Random access to the samples of one shard: indexes member offsets once, then reads only what is asked."""
 
@@ -156,24 +174,14 @@ class ShardReader:
 
     def read(self, i: int) -> dict[str, Any]:
         key = self.keys[i]
-        fields = self.index[key]
-        out: dict[str, Any] = {"__key__": key}
-        for name, (off, size) in fields.items():
+        raw = {}
+        for name, (off, size) in self.index[key].items():
             self._fh.seek(off)
-            raw = self._fh.read(size)
-            try:
-                if len(raw) != size:
-                    raise EOFError(f"{len(raw)} of {size} bytes")
-                if name.endswith(".npy"):
-                    out[name[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
-                elif name.endswith(".json"):
-                    out[name[:-5]] = json.loads(raw)
-            except (ValueError, EOFError, OSError) as e:
-                raise ShardFormatError(f"{self.path}: sample {key} member {name} is unreadable ({e}); {REBUILD}") from e
-        missing = set(FIELDS[self.kind]) - set(out)
-        if missing:
-            raise ShardFormatError(f"{self.path}: sample {key} lacks {sorted(missing)}")
-        return out
+            raw[name] = self._fh.read(size)
+            if len(raw[name]) != size:
+                raise ShardFormatError(f"{self.path}: sample {key} member {name} is unreadable "
+                                       f"({len(raw[name])} of {size} bytes); {REBUILD}")
+        return decode_sample(key, raw, self.kind, str(self.path))
 
     def close(self) -> None:
         self._fh.close()
@@ -223,9 +231,11 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(
-    shard_dir: str | Path, *, kind: str | None = None, tokenizer_fingerprint: str | None = None
+    shard_dir: str | Path, *, kind: str | None = None, tokenizer_fingerprint: str | None = None,
+    local_shards: bool = True,
 ) -> dict[str, Any]:
-    """Load and check a manifest; each failure says what to change."""
+    """Load and check a manifest; each failure says what to change. local_shards=False: the shards are streamed
+    from elsewhere (loader.stream_url) and the folder holds only manifest.json."""
     d = Path(shard_dir)
     p = d / MANIFEST
     if not d.is_dir():
@@ -246,7 +256,7 @@ def read_manifest(
             f"{p}: shards were tokenized with another tokenizer ({m.get('tokenizer', {}).get('name')}); "
             "re-run the pipeline with this model's tokenizer"
         )
-    for s in m["shards"]:  # cheap checks for all (existence, size); the loader checks sha256 on first open
+    for s in m["shards"] if local_shards else ():  # existence, size; the loader checks sha256 on first open
         if why := shard_problem(d, s, checksum=False):
             raise ShardFormatError(f"{d / s['name']}: {why}; {REBUILD}")
     return m

@@ -9,7 +9,7 @@ candidates (a TREC run, or BM25 over the corpus) that are not judged relevant. E
 - `grades`: no order inside a grade; RankNet learns only from pairs whose grades differ (ties add no pair);
 - `bm25`: the first-stage rank;
 - `model`: cosine of a stronger embedding model (loaded once per Ray actor, batches of slates), in its own query
-  format (data_pipeline/pretrained.py native_query_template);
+  format (data_pipeline/text.py native_query_template);
 - `fusion`: reciprocal-rank fusion (k=60) of the first-stage rank and the model's rank.
 With an order the record also holds `ranking` (grades first, then the order inside each grade), which the pipeline
 checks against the grades. Output: one JSONL file, written to a temp name and renamed when complete.

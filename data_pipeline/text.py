@@ -1,7 +1,7 @@
 """The one owner of how text becomes token ids: queries, documents and the listwise (PRF) prompt.
 
 The pipeline, the trainer, evaluation and the Reranker all import this module, so a prompt seen at inference is
-byte-for-byte the prompt seen in training. Rules (../shared/notes/e2rank-method.md 1.1, 2.2, 3, 5.2):
+byte-for-byte the prompt seen in training. Rules (E2Rank, arXiv 2510.22733 §3; Alibaba-NLP/E2Rank src/data.py):
 - query:    "Instruct: {instruction}\\nQuery:{query}", truncated first, then the EOS id appended;
 - document: the text, truncated first, then the EOS id appended (the official code loses EOS on long texts);
 - listwise: "{rerank instruction}:\\nDocuments:\\n[1] d1\\n...\\n[K] dK\\nQuery: {query}" inside the chat template
@@ -16,6 +16,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,7 +26,7 @@ _SENTINEL = "\ue000E2RANK_CONTENT\ue000"
 
 
 def format_query(query: str, instruction: str, template: str = QUERY_TEMPLATE) -> str:
-    """E2Rank's query format by default; zero-shot baselines keep their own (pretrained.py native_query_template)."""
+    """E2Rank's query format by default; zero-shot baselines keep their own (native_query_template below)."""
     return template.replace("{instruction}", instruction).replace("{query}", query)
 
 
@@ -77,6 +78,15 @@ class TokenizationConfig:
             raise ValueError("tokenization.prompt_max_len must exceed query_max_len (the prompt holds the query)")
 
 
+@dataclass
+class EncodedPrompt:
+    """One listwise prompt: its token ids and how many candidates were cut to fit, or why it cannot fit."""
+
+    ids: np.ndarray | None
+    cut: int
+    problem: Exception | None = None
+
+
 class TextEncoder:
     def __init__(self, tokenizer, cfg: TokenizationConfig):
         self.tok = tokenizer
@@ -106,7 +116,7 @@ class TextEncoder:
 
     @classmethod
     def from_config(cls, cfg: TokenizationConfig) -> TextEncoder:
-        from .pretrained import load_tokenizer
+        from common.pretrained import load_tokenizer
 
         return cls(load_tokenizer(cfg.tokenizer), cfg)
 
@@ -177,15 +187,15 @@ class TextEncoder:
     ) -> list[tuple[np.ndarray, int]]:
         """Listwise prompts for a batch of slates -> (token ids, number of candidates cut to fit the budget).
         Raises BadRecord("prompt_budget") when the candidates cannot fit at all."""
-        out = self.encode_listwise_safe(queries, documents, instructions)
+        out = self.encode_listwise_each(queries, documents, instructions)
         for r in out:
-            if isinstance(r, Exception):
-                raise r
-        return out
+            if r.problem is not None:
+                raise r.problem
+        return [(r.ids, r.cut) for r in out]
 
-    def encode_listwise_safe(self, queries, documents, instructions) -> list:
-        """As encode_listwise, but a slate that cannot fit yields its BadRecord in place (the pipeline
-        quarantines it and goes on).
+    def encode_listwise_each(self, queries, documents, instructions) -> list[EncodedPrompt]:
+        """As encode_listwise, one EncodedPrompt per slate: a slate that cannot fit carries its BadRecord in
+        `problem` (the pipeline quarantines it and goes on).
 
         Built from token segments (template prefix, header, "[i]", " doc", "\\n", "\\nQuery:", " query", suffix) so
         each candidate's cut is exact; decoding the ids gives `listwise_content` inside the chat template.
@@ -214,12 +224,8 @@ class TextEncoder:
             if budget < len(docs):
                 from .formats import BadRecord
 
-                out.append(
-                    BadRecord(
-                        "prompt_budget",
-                        f"{len(docs)} candidates leave {budget} tokens in prompt_max_len={cfg.prompt_max_len}",
-                    )
-                )
+                why = f"{len(docs)} candidates leave {budget} tokens in prompt_max_len={cfg.prompt_max_len}"
+                out.append(EncodedPrompt(None, 0, BadRecord("prompt_budget", why)))
                 continue
             caps = fair_share(wanted, budget)
             ids = list(pre) + head
@@ -229,7 +235,7 @@ class TextEncoder:
             if self.n_special and self.chat_prefix is None:
                 ids = self.special_prefix + ids + self.special_suffix
             cut = sum(1 for d, c in zip(dids, caps) if c < len(d))
-            out.append((np.asarray(ids, np.int32), cut))
+            out.append(EncodedPrompt(np.asarray(ids, np.int32), cut))
         return out
 
     def render_listwise_text(self, query: str, documents: Sequence[str], instruction: str) -> str:
@@ -261,3 +267,19 @@ class TextEncoder:
 def content_hash(text: str) -> int:
     """64-bit id of a text, computed before embedding, to mask duplicates and false negatives across the batch."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def native_query_template(folder: str | Path, decoder: bool) -> tuple[str, str]:
+    """(query template, name) for scoring a model zero-shot in its own format: the sentence-transformers query
+    prompt when the folder declares one (config_sentence_transformers.json `prompts`), plain queries for other
+    encoders, and E2Rank's instruction format for decoders (the format this system trains them in)."""
+    st = Path(folder) / "config_sentence_transformers.json"
+    if st.is_file():
+        conf = json.loads(st.read_text())
+        prompts = conf.get("prompts") or {}
+        prompt = prompts.get("query") or prompts.get(conf.get("default_prompt_name") or "")
+        if prompt:
+            return prompt + "{query}", f"sentence-transformers prompt {prompt!r}"
+    if decoder:
+        return QUERY_TEMPLATE, "e2rank"
+    return "{query}", "plain"

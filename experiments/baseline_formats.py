@@ -24,17 +24,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    from common.pretrained import default_pooling
+    from common.typed_config import from_dict
     from data_pipeline.instructions import InstructionTable
-    from data_pipeline.pretrained import default_pooling
     from data_pipeline.text import QUERY_TEMPLATE, TextEncoder, TokenizationConfig
-    from data_pipeline.typed_config import from_dict
-    from trainer.evaluation import evaluate, load_beir, load_rankgpt, paired_test, per_query, read_trec_run
+    from experiments.sets import real_sets
+    from trainer.evaluation import evaluate, paired_test, per_query, read_trec_run
     from trainer.reranker import Reranker
 
     torch.set_num_threads(os.cpu_count() or 1)
     d, out = Path(args.data), Path(args.out)
-    sets = {"scifact": load_beir(d / "scifact", "test", d / "scifact" / "runs" / "bm25.top100.test.trec"),
-            "noveleval": load_rankgpt(d / "noveleval" / "data.json", d / "noveleval" / "qrels.txt")}
+    sets = real_sets(d)
     r = Reranker.from_base(args.model, pooling=default_pooling(args.model), query_format="native")
     native = r.text.cfg.query_template
     formats = {f"native ({r.query_format})": native, "e2rank": QUERY_TEMPLATE}

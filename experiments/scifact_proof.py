@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data_pipeline.pretrained import default_pooling
+from common.pretrained import default_pooling
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pypi:smollm2-135m"
@@ -181,14 +181,9 @@ class Runner:
     def eval_sets(self):
         with self.lock:
             if not hasattr(self, "_sets"):
-                from trainer.evaluation import load_beir, load_rankgpt
+                from experiments.sets import real_sets
 
-                d = Path(self.args.data)
-                self._sets = {"scifact": load_beir(d / "scifact", "test", d / "scifact" / "runs" / "bm25.top100.test.trec"),
-                              "noveleval": load_rankgpt(d / "noveleval" / "data.json", d / "noveleval" / "qrels.txt")}
-                if self.args.eval_queries:  # a dry run
-                    for es in self._sets.values():
-                        es.run = {q: es.run[q] for q in sorted(es.run)[: self.args.eval_queries]}
+                self._sets = real_sets(self.args.data, self.args.eval_queries)  # eval_queries > 0: a dry run
             return self._sets
 
     def choose(self, runs: dict[tuple, Path | None], metric: str, what: str) -> tuple | None:
@@ -214,7 +209,7 @@ class Runner:
         best stage-2 LR on dev (listwise NDCG@10). Base, the chosen stage 1 and the chosen stage 2 (and the other
         teachers at that LR) are evaluated on SciFact test and NovelEval as soon as they exist."""
         a = self.args
-        from data_pipeline.pretrained import resolve
+        from common.pretrained import resolve
 
         base = str(resolve(a.model, weights=True))
         grid1 = [tuple(float(x) for x in g.split(":")) for g in a.stage1_grid]
@@ -260,12 +255,13 @@ def last_dev(folder: Path) -> dict[str, float]:
 
 # -- report -------------------------------------------------------------------------------------------------------
 def report(args) -> str:
-    from trainer.evaluation import load_beir, load_rankgpt, paired_test, per_query, read_trec_run
+    from experiments.sets import real_sets
+    from trainer.evaluation import paired_test, per_query, read_trec_run
 
     out, d = Path(args.out), Path(args.data)
     res = json.loads((out / "eval" / "results.json").read_text())
-    qrels = {"scifact": load_beir(d / "scifact", "test", d / "scifact" / "runs" / "bm25.top100.test.trec").qrels,
-             "noveleval": load_rankgpt(d / "noveleval" / "data.json", d / "noveleval" / "qrels.txt").qrels}
+    sets = real_sets(d)
+    qrels = {name: es.qrels for name, es in sets.items()}
     choice = args.teacher
 
     @functools.cache  # each table cell and test reads the same run files
@@ -273,8 +269,7 @@ def report(args) -> str:
         if mode == "first_stage":
             run = {q: {doc: -r for r, (doc, _) in enumerate(h)} for q, h in read_trec_run(
                 d / "scifact" / "runs" / "bm25.top100.test.trec").items()} if dataset == "scifact" else \
-                {q: {doc: float(len(docs) - i) for i, doc in enumerate(docs)} for q, docs in load_rankgpt(
-                    d / "noveleval" / "data.json", d / "noveleval" / "qrels.txt").run.items()}
+                {q: {doc: float(len(docs) - i) for i, doc in enumerate(docs)} for q, docs in sets["noveleval"].run.items()}
             run = {q: v for q, v in run.items() if q in qrels[dataset]}
         else:
             run = {q: dict(v) for q, v in read_trec_run(out / "eval" / f"{dataset}.{tag}.{mode}.trec").items()}

@@ -18,72 +18,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.net import free_port  # noqa: E402
+from common.ray_head import RayHead  # noqa: E402
 from data_pipeline import demo_corpus  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
-
-
-class RayHead:
-    """`ray start --head --block` on 127.0.0.1 in its own process group; never `ray stop` (it kills other users' Ray)."""
-
-    def __init__(self, log: Path):
-        from data_pipeline.job import ray_temp_dir
-
-        self.temp = ray_temp_dir()  # (seen without it: a job handed a dead head's address, hung)
-        self.dash = _port()
-        cmd = [_bin("ray"), "start", "--head", "--block", "--port", str(_port()), "--node-ip-address", "127.0.0.1",
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash), "--num-cpus", "2",
-               "--object-store-memory", "300000000", "--disable-usage-stats",
-               "--dashboard-agent-listen-port", str(_port()), "--ray-client-server-port", str(_port()),
-               "--temp-dir", self.temp]
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.dash}"
-
-    def wait(self, timeout: float = 120) -> None:
-        from ray.job_submission import JobSubmissionClient
-
-        deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(self.url + "/api/version", timeout=2).read()
-                JobSubmissionClient(self.url).list_jobs()
-                return
-            except Exception:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"the Ray head did not start; see {self.log.name}") from None
-                time.sleep(1)
-
-    def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
-        self.log.close()
-        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def _run(cmd: list[str], log: Path, what: str, retries: int = 0) -> None:
@@ -99,22 +48,13 @@ def _run(cmd: list[str], log: Path, what: str, retries: int = 0) -> None:
 
 
 def _bm25_run(ev: Path, k: int) -> Path:
-    import bm25s
+    """The held-out queries' first stage: the project's one BM25 (data_pipeline/beir.py), as a TREC run."""
+    from data_pipeline.beir import bm25_search, load_corpus, load_queries
+    from trainer.evaluation import write_trec_run
 
-    from data_pipeline.beir import load_corpus, load_queries
-
-    corpus, queries = load_corpus(ev / "corpus.jsonl"), load_queries(ev / "queries.jsonl")
-    ids = sorted(corpus)
-    bm = bm25s.BM25()
-    bm.index(bm25s.tokenize([corpus[i] for i in ids], stopwords="en", show_progress=False), show_progress=False)
-    qids = sorted(queries)
-    hits, scores = bm.retrieve(bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False), k=k,
-                               show_progress=False)
+    hits = bm25_search(load_corpus(ev / "corpus.jsonl"), load_queries(ev / "queries.jsonl"), k)
     path = ev / "bm25.trec"
-    with open(path, "w") as f:
-        for q, row, sc in zip(qids, hits, scores):
-            for rank, (j, s) in enumerate(zip(row, sc), 1):
-                f.write(f"{q} Q0 {ids[j]} {rank} {s:.4f} bm25\n")
+    write_trec_run(path, {q: {d: float(k - r) for r, d in enumerate(docs)} for q, docs in hits.items()}, "bm25")
     return path
 
 
@@ -140,11 +80,11 @@ def main(argv=None) -> int:
     print(f"[main] E2Rank main job -> {out} (details in {log})", flush=True)
     sizes = demo_corpus.generate(out / "corpus")
     print(f"[main] demo corpus: {sizes['train']} training queries, {sizes['eval']} held-out queries, {sizes['docs']} passages")
-    from data_pipeline.pretrained import resolve
+    from common.pretrained import resolve
 
     resolve(args.model, weights=True)  # materialise the packaged model once, before the workers race for it
     if args.pooling == "auto":
-        from data_pipeline.pretrained import default_pooling
+        from common.pretrained import default_pooling
 
         args.pooling = default_pooling(args.model)
     tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64",
@@ -171,7 +111,7 @@ def main(argv=None) -> int:
         t2 = time.time()
     finally:
         head.stop()
-    _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "launch/stage2.py",
+    _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/stage2.py",
           "--config", "recipes/stage2-cpu-demo.yaml", f"shards={out / 'shards-listwise'}",
           f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}", f"model.pooling={args.pooling}",
           f"run.max_steps={args.stage2_steps}", f"tracking.tracking_uri={uri}", "tracking.run_name=stage2",

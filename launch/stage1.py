@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.typed_config import ConfigError, from_dict, load, to_dict  # noqa: E402
 from data_pipeline.config import PipelineConfig  # noqa: E402
-from data_pipeline.typed_config import ConfigError, from_dict, load, to_dict  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
 

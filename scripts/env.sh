@@ -1,4 +1,4 @@
-# Environment for every process we start on a CPU machine (../shared/notes/cpu-stack.md 9). Sourced, not run.
+# Environment for every process we start on a CPU machine (thread counts and allocator settings that 2-core CPU runs need). Sourced, not run.
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
   PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning,ignore::DeprecationWarning} \
   MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \

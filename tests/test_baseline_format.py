@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from data_pipeline.pretrained import resolve
+from common.pretrained import resolve
 from data_pipeline.text import QUERY_TEMPLATE, TokenizationConfig
 from tests.test_evaluation import small_set
 from tests.trainer_fixtures import make_tiny_model

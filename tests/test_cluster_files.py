@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_pipeline.typed_config import load
+from common.typed_config import load
 from trainer.config import TrainConfig
 from trainer.loop import ds_config
 

@@ -119,7 +119,7 @@ def test_deepspeed_launcher_stage2_two_local_processes(listwise, world, tmp_path
 
 
 def test_deepspeed_launcher_two_nodes_hostfile(listwise, world, tmp_path):
-    """Two "nodes" on 127.0.0.1 (cpu-stack.md 4): one launcher per node, --no_ssh, a shared hostfile."""
+    """Two "nodes" on 127.0.0.1: one launcher per node, --no_ssh, a shared hostfile."""
     require_netns()
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")

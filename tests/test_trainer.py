@@ -149,7 +149,7 @@ def test_shards_from_another_tokenizer_are_refused(setup, tmp_path):
     other = tmp_path / "other"
     from transformers import AutoModel, BertConfig
 
-    from data_pipeline.pretrained import load_tokenizer
+    from common.pretrained import load_tokenizer
 
     AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64)).save_pretrained(other)

@@ -4,8 +4,8 @@ from typing import Literal
 
 import pytest
 
+from common.typed_config import ConfigError, load
 from data_pipeline.config import PipelineConfig
-from data_pipeline.typed_config import ConfigError, load
 
 
 @dataclass

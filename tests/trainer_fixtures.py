@@ -23,7 +23,7 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 def make_tiny_model(path: Path, seed: int = 0) -> Path:
     from transformers import AutoModel, LlamaConfig
 
-    from data_pipeline.pretrained import load_tokenizer
+    from common.pretrained import load_tokenizer
 
     torch.manual_seed(seed)
     AutoModel.from_config(LlamaConfig(**TINY)).save_pretrained(path)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.typed_config import ConfigError, load
 from data_pipeline.instructions import InstructionError
-from data_pipeline.loader import LoaderError
 from data_pipeline.shards import ShardFormatError
-from data_pipeline.typed_config import ConfigError, load
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig
+from .loader import LoaderError
 from .loop import PreflightError, train
 
 # input, configuration and checkpoint problems the user can fix: one line each. Anything else is a bug and keeps

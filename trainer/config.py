@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_pipeline.loader import LoaderConfig
+from .loader import LoaderConfig
 
 
 @dataclass
@@ -95,7 +95,7 @@ class EvalConfig:
     split: str = "test"
     source: str = ""  # instruction table entry; default: the dataset's name
     every: int = 0  # steps; 0 = off
-    max_queries: int = 50
+    max_queries: int = 50  # the first N dev query ids (sorted); 0 = all
     prompt_k: int = 20
 
 
@@ -112,6 +112,12 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Queries per rank per micro-step: run.global_batch_size / (world x grad_accum) when the global batch is
+        given (litgpt-style derived value; the division is checked by the trainer's preflight), else loader.batch_size."""
+        g = self.run.global_batch_size
+        return g // (world_size * self.loader.grad_accum) if g else self.loader.batch_size
 
     def validate(self) -> None:
         if not self.shards:

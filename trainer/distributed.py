@@ -39,12 +39,9 @@ def init(timeout_s: int) -> str:
 
         ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if "WORLD_SIZE" not in os.environ:  # a plain `python -m trainer`: a world of one on 127.0.0.1
-        import socket
+        from common.net import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))

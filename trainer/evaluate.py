@@ -10,7 +10,7 @@ from pathlib import Path
 
 from data_pipeline.instructions import InstructionTable
 
-from .evaluation import evaluate, load_beir, load_rankgpt
+from .evaluation import evaluate, load_eval_set
 from .reranker import NotAnExport, Reranker
 
 
@@ -53,14 +53,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         cap_allocator_growth()
     try:
-        data = Path(args.data)
-        if data.suffix == ".json":
-            es = load_rankgpt(data, args.qrels)
-        else:
-            es = load_beir(data, args.split, args.run)
-        if args.max_queries:
-            keep = sorted(es.run)[: args.max_queries]
-            es.run = {q: es.run[q] for q in keep}
+        es = load_eval_set(args.data, qrels=args.qrels, split=args.split, run=args.run, max_queries=args.max_queries)
         table = InstructionTable.load()
         source = args.source or es.name
         if not table.known(source):

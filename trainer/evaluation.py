@@ -138,6 +138,19 @@ def load_rankgpt(data_json: str | Path, qrels_path: str | Path | None = None, na
     return EvalSet(name or p.parent.name, corpus, queries, {q: qrels[q] for q in run}, run, skipped)
 
 
+def load_eval_set(data: str | Path, *, qrels: str | Path | None = None, split: str = "test",
+                  run: str | Path | None = None, max_queries: int = 0, top_k: int = 100) -> EvalSet:
+    """A BEIR folder (with a first-stage TREC `run`) or a RankGPT / rank_llm `data.json` (with TREC `qrels`).
+    max_queries > 0 keeps the first N query ids in sorted order: the same subset every time it is asked for."""
+    data = Path(data)
+    es = load_rankgpt(data, qrels) if data.suffix == ".json" else load_beir(data, split, run, top_k=top_k)
+    if max_queries:
+        keep = sorted(es.run)[:max_queries]
+        es.run = {q: es.run[q] for q in keep}
+        es.qrels = {q: es.qrels[q] for q in keep}
+    return es
+
+
 def relevance_threshold(qrels: dict[str, dict[str, int]]) -> tuple[int, str]:
     """The grade from which a document counts as relevant for the binary metrics (MRR@10, Recall@100; trec_eval's
     -l): 2 on TREC Deep Learning's 0-3 scale, as TREC DL and Pyserini report them; 1 elsewhere, as BEIR does."""

@@ -17,17 +17,17 @@ from typing import Any
 
 import torch
 
-from data_pipeline.loader import ShardLoader
-from data_pipeline.pretrained import load_tokenizer, resolve
+from common.pretrained import load_tokenizer, resolve
+from common.typed_config import from_dict, save, to_dict
 from data_pipeline.shards import read_manifest
 from data_pipeline.text import TextEncoder, TokenizationConfig
-from data_pipeline.typed_config import from_dict, save, to_dict
 
 from . import checkpoint as C
 from . import distributed as D
 from .chunking import ChunkStats
 from .config import TrainConfig
 from .grad_cache import CachedStep
+from .loader import ShardLoader, make_loader
 from .memory import GB, Estimate, advice, available_bytes, cap_allocator_growth, estimate
 from .model import Encoder, load_backbone, resolve_precision
 from .objective import compute
@@ -64,7 +64,8 @@ class PhaseClock:
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> Plan:
-    """Checks that need no process group: model path, shards vs tokenizer, batch divisibility."""
+    """Checks that need no process group, changing nothing: model path, shards vs tokenizer, batch divisibility.
+    Returns what they resolved (the model folder, the manifest, read once per run, and the tokenizer fingerprint)."""
     try:
         model_path = str(resolve(cfg.model.path, weights=True))
     except (FileNotFoundError, ValueError) as e:
@@ -73,7 +74,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Plan:
         raise PreflightError(f"model.path {model_path} has no config.json: not a Hugging Face model folder")
     kind = "contrastive" if cfg.stage == 1 else "listwise"
     try:
-        manifest = read_manifest(cfg.shards, kind=kind)
+        manifest = read_manifest(cfg.shards, kind=kind, local_shards=not cfg.loader.stream_url)
     except Exception as e:
         raise PreflightError(f"shards: {e}") from e
     tok_cfg = from_dict(TokenizationConfig, {**manifest["config"]["tokenization"], "tokenizer": model_path})
@@ -90,7 +91,6 @@ def preflight(cfg: TrainConfig, world_size: int) -> Plan:
                 f"run.global_batch_size={cfg.run.global_batch_size} does not divide across {world_size} ranks x "
                 f"{cfg.loader.grad_accum} accumulation steps; use a multiple of {per}"
             )
-        cfg.loader.batch_size = cfg.run.global_batch_size // per
     return Plan(model_path, manifest, fp)
 
 
@@ -168,6 +168,8 @@ class Trainer:
         self.plan = preflight(cfg, D.env_world_size())
         self.backend = D.init(cfg.deepspeed.timeout_s)
         self.rank, self.world = D.world()
+        cfg.loader.batch_size = cfg.micro_batch_size(self.world)  # derived from run.global_batch_size when set
+        self.validator = Validator(cfg, self.plan)
         logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s",
                             stream=sys.stdout, force=True)
         cuda = torch.cuda.is_available()
@@ -180,9 +182,8 @@ class Trainer:
         self.resumed_from, self.reshard = self._find_checkpoint()
         if self.rank == 0:
             save(cfg, self.out / "config.yaml")
-        kind = "contrastive" if cfg.stage == 1 else "listwise"
-        self.loader = ShardLoader(cfg.shards, cfg.loader, rank=self.rank, world_size=self.world, kind=kind,
-                                  tokenizer_fingerprint=self.plan.fingerprint)
+        self.loader = make_loader(cfg.shards, cfg.loader, rank=self.rank, world_size=self.world,
+                                  manifest=self.plan.manifest)
 
         backbone, self.attn = load_backbone(self.plan.model_path, cfg.model, self.prec.dtype, cuda)
         self.n_params = sum(p.numel() for p in backbone.parameters())
@@ -417,7 +418,7 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, float]:
-        return _dev_eval(self.engine, self.cfg, self.plan)
+        return self.validator(self.engine)
 
     def save(self) -> None:
         C.save(self.engine, self.ckpt_dir, self.step, {"loader": self.loader.state_dict(), "max_steps": self.max_steps,
@@ -505,48 +506,47 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return Trainer(cfg).train()
 
 
-_DEV: dict[str, Any] = {}  # the dev set, instructions and text encoder: loaded once per run, not per evaluation
+class Validator:
+    """The dev set (torchtitan's validator): loaded once per run on first use (set, instructions, text encoder), then
+    NDCG@10 / MRR@10 / Recall@100 of both scoring modes with the live (partitioned) engine."""
 
+    def __init__(self, cfg: TrainConfig, plan: Plan):
+        self.cfg, self.plan, self._loaded = cfg, plan, None
 
-def _dev_setup(cfg: TrainConfig, plan: Plan):
-    if not _DEV:
+    def _load(self):
         from data_pipeline.instructions import InstructionTable
 
-        from .evaluation import load_beir, load_rankgpt
+        from .evaluation import load_eval_set
 
-        e = cfg.eval
-        es = load_rankgpt(e.data, e.qrels or None) if e.data.endswith(".json") else load_beir(e.data, e.split, e.run or None)
-        keep = sorted(es.run)[: e.max_queries]
-        es.run = {q: es.run[q] for q in keep}
+        e, plan = self.cfg.eval, self.plan
+        es = load_eval_set(e.data, qrels=e.qrels or None, split=e.split, run=e.run or None, max_queries=e.max_queries)
         tok_cfg = from_dict(TokenizationConfig, {**plan.manifest["config"]["tokenization"], "tokenizer": plan.model_path})
-        _DEV.update(es=es, ins=InstructionTable.load().lookup(e.source or es.name, allow_unknown=True),
-                    text=TextEncoder(load_tokenizer(plan.model_path), tok_cfg))
-    return _DEV["es"], _DEV["ins"], _DEV["text"]
+        return (es, InstructionTable.load().lookup(e.source or es.name, allow_unknown=True),
+                TextEncoder(load_tokenizer(plan.model_path), tok_cfg))
 
+    def __call__(self, engine) -> dict[str, float]:
+        from .evaluation import evaluate
+        from .reranker import Reranker
 
-def _dev_eval(engine, cfg: TrainConfig, plan: Plan) -> dict[str, float]:
-    """NDCG@10 / MRR@10 / Recall@100 of both scoring modes on the dev set, with the live (partitioned) engine."""
-    from .evaluation import evaluate
-    from .reranker import Reranker
-
-    e = cfg.eval
-    es, ins, text = _dev_setup(cfg, plan)
-    rer = Reranker(None, text, cfg.model.pooling, device=str(engine.device), encode=lambda ids, mask: engine(ids, mask))
-    engine.eval()
-    with torch.no_grad():
-        res = evaluate(rer, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, prompt_k=e.prompt_k,
-                       progress=False)
-    engine.train()
-    out = {f"dev_{mode}_{k.lower().replace('@', '_at_')}": v for mode in ("retrieval", "listwise")
-           for k, v in res[mode].items()}
-    log.info("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in out.items()))
-    return out
+        self._loaded = self._loaded or self._load()
+        es, ins, text = self._loaded
+        rer = Reranker(None, text, self.cfg.model.pooling, device=str(engine.device),
+                       encode=lambda ids, mask: engine(ids, mask))
+        engine.eval()
+        with torch.no_grad():
+            res = evaluate(rer, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,
+                           prompt_k=self.cfg.eval.prompt_k, progress=False)
+        engine.train()
+        out = {f"dev_{mode}_{k.lower().replace('@', '_at_')}": v for mode in ("retrieval", "listwise")
+               for k, v in res[mode].items()}
+        log.info("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in out.items()))
+        return out
 
 
 def _export(engine, cfg: TrainConfig, plan: Plan, ckpt_dir: Path, tag: str, out: Path,
             run: dict[str, Any] | None = None) -> Path:
     """Rank 0 consolidates the last checkpoint; every rank encodes a probe batch so the export can be checked."""
-    probe = next(iter(ShardLoader(cfg.shards, cfg.loader, rank=0, world_size=1)))
+    probe = next(iter(make_loader(cfg.shards, cfg.loader, rank=0, world_size=1, manifest=plan.manifest)))
     engine.eval()
     with torch.no_grad():
         emb = engine(probe["doc_input_ids"].to(engine.device), probe["doc_attention_mask"].to(engine.device))

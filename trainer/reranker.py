@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.loader import left_pad
-from data_pipeline.pretrained import load_tokenizer, native_query_template, resolve
-from data_pipeline.text import QUERY_TEMPLATE, TextEncoder, TokenizationConfig
-from data_pipeline.typed_config import from_dict
+from common.pretrained import load_tokenizer, resolve
+from common.typed_config import from_dict
+from data_pipeline.text import QUERY_TEMPLATE, TextEncoder, TokenizationConfig, native_query_template
 
 from .checkpoint import EXPORT_INFO
 from .chunking import plan_chunks
+from .loader import left_pad
 from .model import embed, is_causal, native_bf16
 
 log = logging.getLogger("e2rank")
@@ -95,7 +95,7 @@ class Reranker:
     def from_base(cls, path: str, pooling: str = "last", tokenization: TokenizationConfig | None = None,
                   query_format: str = "native", **kw):
         """A plain model (the zero-shot baseline), with the same text contract as training. query_format: `e2rank`
-        (the instruction format training uses), `native` (the model's own: pretrained.py native_query_template) or
+        (the instruction format training uses), `native` (the model's own: text.py native_query_template) or
         `plain` (the bare query)."""
         folder = str(resolve(path, weights=True))
         tok_cfg = tokenization or TokenizationConfig()

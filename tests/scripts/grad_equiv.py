@@ -8,8 +8,9 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import AutoModel
 
 from trainer import distributed as D
-from trainer.config import LossConfig
+from trainer.config import LossConfig, TrainConfig
 from trainer.grad_cache import CachedStep
+from trainer.loop import ds_config
 from trainer.model import Encoder
 from trainer.objective import compute
 
@@ -34,9 +35,11 @@ D.init(60)
 rank, world = D.world()
 batch = local_slice(torch.load(batch_path), rank, world)
 enc = Encoder(AutoModel.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32), "last")
-cfg = {"train_micro_batch_size_per_gpu": batch["query_input_ids"].shape[0], "gradient_accumulation_steps": 1,
-       "zero_optimization": {"stage": zero, "stage3_param_persistence_threshold": 0},
-       "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}}
+# the trainer's own DeepSpeed config (trainer.loop.ds_config), so the equivalence covers what training runs
+tc = TrainConfig()
+tc.loader.batch_size, tc.loader.grad_accum, tc.deepspeed.zero_stage = batch["query_input_ids"].shape[0], 1, zero
+tc.optim.lr = 0.0
+cfg = ds_config(tc, bf16=False, hidden=enc.backbone.config.hidden_size)
 engine, *_ = deepspeed.initialize(model=enc, model_parameters=enc.parameters(), config=cfg)
 if mode == "cached":
     step = CachedStep(engine, CHUNK)

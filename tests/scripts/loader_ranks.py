@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from data_pipeline.loader import LoaderConfig, ShardLoader
+from trainer.loader import LoaderConfig, ShardLoader
 
 shard_dir, out, same_source = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))

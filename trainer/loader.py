@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import REBUILD, ShardFormatError, ShardReader, docs_of, read_manifest, shard_problem
+from data_pipeline.shards import REBUILD, ShardFormatError, ShardReader, docs_of, read_manifest, shard_problem
 
 
 class LoaderError(ValueError):
@@ -37,6 +37,11 @@ class LoaderConfig:
     num_workers: int = 0
     seed: int = 0
     verify_checksums: bool = True  # sha256 of each shard against the manifest the first time a process opens it
+    # Streaming (trainer/stream.py), for clusters without a shared filesystem: each shard's URL, `{name}` the
+    # manifest's shard name, e.g. "https://host/shards/{name}" or "pipe:aws s3 cp s3://bucket/shards/{name} -".
+    # Then `shards` needs only manifest.json.
+    stream_url: str = ""
+    shuffle_buffer: int = 1000  # streaming: samples held for the seeded shuffle inside each rank's stream
 
     def validate(self) -> None:
         for k in ("batch_size", "grad_accum"):
@@ -47,6 +52,10 @@ class LoaderConfig:
                 raise ValueError(f"loader.{k} must be >= 0, got {getattr(self, k)}")
         if self.pad_to_multiple_of < 1:
             raise ValueError("loader.pad_to_multiple_of must be >= 1")
+        if self.stream_url and "{name}" not in self.stream_url:
+            raise ValueError("loader.stream_url must contain {name} (each manifest shard's file name)")
+        if self.stream_url and self.same_source:
+            raise ValueError("loader.same_source needs random access to the shards; it cannot stream (stream_url)")
 
 
 def epoch_plan(manifest: dict, cfg: LoaderConfig, world_size: int, epoch: int) -> tuple[np.ndarray, list[str], int]:
@@ -239,9 +248,13 @@ class ShardLoader:
         world_size: int = 1,
         kind: str | None = None,
         tokenizer_fingerprint: str | None = None,
+        manifest: dict | None = None,
     ):
         self.shard_dir = Path(shard_dir)
-        self.manifest = read_manifest(self.shard_dir, kind=kind, tokenizer_fingerprint=tokenizer_fingerprint)
+        # a caller that already read and checked the manifest (the trainer's preflight) hands it in
+        self.manifest = manifest if manifest is not None else \
+            read_manifest(self.shard_dir, kind=kind, tokenizer_fingerprint=tokenizer_fingerprint,
+                          local_shards=not cfg.stream_url)
         self.kind = self.manifest["kind"]
         self.cfg = cfg
         # handed in by the caller (the trainer: its process group's rank and size), never guessed from the
@@ -323,3 +336,13 @@ class ShardLoader:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"]) // was["grad_accum"] * now["grad_accum"]
         self.real_tokens, self.padded_tokens = int(state["real_tokens"]), int(state["padded_tokens"])
+
+
+def make_loader(shard_dir: str | Path, cfg: LoaderConfig, **kw) -> ShardLoader:
+    """The reader for this configuration: random access to local shards (exact resume on any world size with the
+    same global batch), or webdataset streaming from URLs when loader.stream_url is set (trainer/stream.py)."""
+    if cfg.stream_url:
+        from .stream import StreamingShardLoader
+
+        return StreamingShardLoader(shard_dir, cfg, **kw)
+    return ShardLoader(shard_dir, cfg, **kw)

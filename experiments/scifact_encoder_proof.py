@@ -1,6 +1,6 @@
 """Proof on real data: train stage 1 then stage 2 on SciFact train, evaluate on SciFact test and NovelEval.
 
-    python -m launch.scifact_proof --out runs/scifact [--model pypi:all-minilm-l6-v2]
+    python -m experiments.scifact_encoder_proof --out runs/scifact [--model pypi:all-minilm-l6-v2]
 
 Steps (each one's output is reused when it exists, so a re-run resumes):
 1. stage-1 data: SciFact train queries, positives from qrels/train.tsv, 7 BM25 hard negatives (bm25s);
@@ -25,35 +25,31 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.beir import bm25_contrastive, load_corpus, load_qrels, load_queries
+from data_pipeline.beir import bm25_contrastive, bm25_search, load_corpus, load_qrels, load_queries
 from data_pipeline.config import PipelineConfig
 from data_pipeline.instructions import InstructionTable
 from data_pipeline.job import run as run_pipeline
 from data_pipeline.text import TokenizationConfig
-from trainer.evaluation import evaluate, load_beir, load_rankgpt
+from experiments.sets import real_sets
+from trainer.evaluation import evaluate
 from trainer.reranker import Reranker
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def listwise_records(data: Path, base: Reranker, out: Path, slate: int, instr: str) -> int:
-    import bm25s
-
     corpus, queries, qrels = load_corpus(data / "corpus.jsonl"), load_queries(data / "queries.jsonl"), load_qrels(data / "qrels" / "train.tsv")
-    ids = sorted(corpus)
-    bm = bm25s.BM25(k1=0.9, b=0.4)
-    bm.index(bm25s.tokenize([corpus[i] for i in ids], stopwords="en", show_progress=False), show_progress=False)
     qids = [q for q in sorted(qrels) if q in queries]
-    hits, _ = bm.retrieve(bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False), k=30,
-                          show_progress=False)
-    cand = {ids[j] for row in hits for j in row}
+    top = bm25_search(corpus, {q: queries[q] for q in qids}, 30)
+    hits = [top[q] for q in qids]
+    cand = {d for row in hits for d in row}
     demb = base.embed_documents({d: corpus[d] for d in cand})
     qemb = base.embed_queries([queries[q] for q in qids], instr)
     n = 0
     with open(out, "w") as f:
         for qi, (q, row) in enumerate(zip(qids, hits)):
             pos = [d for d, s in sorted(qrels[q].items()) if s > 0 and d in corpus]
-            rest = [ids[j] for j in row if ids[j] not in pos]
+            rest = [d for d in row if d not in pos]
             cos = {d: float(demb[d] @ qemb[qi]) for d in rest}
             by_cos = {d: r for r, d in enumerate(sorted(rest, key=lambda d: -cos[d]))}
             rrf = {d: 1 / (60 + r) + 1 / (60 + by_cos[d]) for r, d in enumerate(rest)}
@@ -117,8 +113,7 @@ def main(argv=None) -> int:
               f"run.output_dir={out / 'stage2'}", "loader.batch_size=4", "optim.lr=0.00002", "optim.warmup_steps=5",
               f"run.max_steps={args.stage2_steps}", "loss.temperature=0.05", *common], log)
     t3 = time.time()
-    sets = {"scifact": load_beir(data / "scifact", "test", data / "scifact" / "runs" / "bm25.top100.test.trec"),
-            "noveleval": load_rankgpt(data / "noveleval" / "data.json", data / "noveleval" / "qrels.txt")}
+    sets = real_sets(data)
     if args.eval_queries:
         keep = sorted(sets["scifact"].run)[: args.eval_queries]
         sets["scifact"].run = {q: sets["scifact"].run[q] for q in keep}

@@ -99,24 +99,6 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(str(resolve(spec)))
 
 
-def native_query_template(folder: str | Path, decoder: bool) -> tuple[str, str]:
-    """(query template, name) for scoring a model zero-shot in its own format: the sentence-transformers query
-    prompt when the folder declares one (config_sentence_transformers.json `prompts`), plain queries for other
-    encoders, and E2Rank's instruction format for decoders (the format this system trains them in)."""
-    from .text import QUERY_TEMPLATE
-
-    st = Path(folder) / "config_sentence_transformers.json"
-    if st.is_file():
-        conf = json.loads(st.read_text())
-        prompts = conf.get("prompts") or {}
-        prompt = prompts.get("query") or prompts.get(conf.get("default_prompt_name") or "")
-        if prompt:
-            return prompt + "{query}", f"sentence-transformers prompt {prompt!r}"
-    if decoder:
-        return QUERY_TEMPLATE, "e2rank"
-    return "{query}", "plain"
-
-
 def default_pooling(spec: str) -> str:
     """E2Rank's pooling for decoders (the last token, where a causal model has read everything), mean for encoders
     (what sentence-transformers encoders such as all-MiniLM-L6-v2 were trained with); from config.json."""
