@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import distributed as D
 
@@ -49,11 +48,6 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the folder and what to do."""
 
@@ -70,7 +64,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any]) -> Path:
         torch.save(_rng_state(), part / f"rng_rank{rank}.pt")
         if rank == 0:
             (part / "trainer_state.json").write_text(json.dumps({**state, "step": step, "world_size": world}, indent=1))
-        _barrier()
+        D.barrier()
         if rank == 0:
             if (ckpt_dir / tag).exists():  # written by a run that died before pointing `latest` at it
                 shutil.rmtree(ckpt_dir / tag)
@@ -90,7 +84,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any]) -> Path:
             f"the last complete checkpoint is {prev or 'none'}. " + ("Free space, then re-run the same command to "
             "resume from it." if full else "Re-run the same command to resume from it.")
         ) from e
-    _barrier()
+    D.barrier()
     return ckpt_dir / tag
 
 
@@ -116,9 +110,9 @@ def trainer_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     return json.loads((ckpt_dir / tag / "trainer_state.json").read_text())
 
 
-def saved_world(ckpt_dir: Path, tag: str) -> int:
-    """Ranks that wrote the checkpoint (from the state, or counted from its RNG files for older checkpoints)."""
-    return int(trainer_state(ckpt_dir, tag).get("world_size") or len(list((ckpt_dir / tag).glob("rng_rank*.pt"))))
+def saved_world(ckpt_dir: Path, tag: str, state: dict[str, Any]) -> int:
+    """Ranks that wrote the checkpoint (from its state, or counted from its RNG files for older checkpoints)."""
+    return int(state.get("world_size") or len(list((ckpt_dir / tag).glob("rng_rank*.pt"))))
 
 
 def to_universal(ckpt_dir: Path, tag: str) -> str:

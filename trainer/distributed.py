@@ -50,6 +50,12 @@ def init(timeout_s: int) -> str:
     return dist.get_backend()
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from all ranks along dim 0; gradients flow back to the rank that owns each slice
     (all_gather's backward is a reduce-scatter sum). Shapes must match across ranks (the loader guarantees it)."""

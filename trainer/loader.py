@@ -270,7 +270,11 @@ class ShardLoader:
         self.position = 0
         self.real_tokens = 0
         self.padded_tokens = 0
-        self.dropped_per_epoch = epoch_plan(self.manifest, cfg, self.world_size, 0)[2]
+        self.dropped_per_epoch = self._dropped()
+
+    def _dropped(self) -> int:
+        """Samples left out of each epoch (fewer than one global batch)."""
+        return epoch_plan(self.manifest, self.cfg, self.world_size, 0)[2]
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (equal on every rank)."""

@@ -221,12 +221,13 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             if gone := C.clean(self.ckpt_dir):
                 log.warning("[train] removed what an interrupted save left: %s", ", ".join(gone))
-        C._barrier()
+        D.barrier()
         tag = C.latest(self.ckpt_dir)
-        if not tag or (old := C.saved_world(self.ckpt_dir, tag)) == self.world:
+        state = C.trainer_state(self.ckpt_dir, tag) if tag else {}
+        if not tag or (old := C.saved_world(self.ckpt_dir, tag, state)) == self.world:
             return tag, False
         lc = self.cfg.loader
-        was = C.trainer_state(self.ckpt_dir, tag)["loader"]["config"]
+        was = state["loader"]["config"]
         g = was["batch_size"] * old * was["grad_accum"]
         if lc.batch_size * self.world * lc.grad_accum != g:
             if g % (self.world * lc.grad_accum):
@@ -240,7 +241,7 @@ class Trainer:
                  lc.batch_size, self.world, lc.grad_accum)
         if self.rank == 0:
             C.to_universal(self.ckpt_dir, tag)
-        C._barrier()
+        D.barrier()
         return tag, True
 
     def _link_init_run(self) -> None:
@@ -560,7 +561,6 @@ def _export(engine, cfg: TrainConfig, plan: Plan, ckpt_dir: Path, tag: str, out:
         C.export(ckpt_dir, tag, plan.model_path, plan.model_path, export_dir, info)
         torch.save({"input_ids": probe["doc_input_ids"], "attention_mask": probe["doc_attention_mask"], "embeddings": emb},
                    out / "probe_embeddings.pt")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    D.barrier()
     return export_dir
 

@@ -56,13 +56,12 @@ def stream_plan(manifest: dict, seed: int, epoch: int, world_size: int, batch_si
 class StreamingShardLoader(ShardLoader):
     """ShardLoader's interface (iterate the rest of the epoch, `state_dict()` / `load_state_dict()`) over streams."""
 
-    def __init__(self, shard_dir, cfg, *, rank: int = 0, world_size: int = 1, **kw):
-        super().__init__(shard_dir, cfg, rank=rank, world_size=world_size, **kw)
-        self.dropped_per_epoch = self._plan(0)[2]
-
     def _plan(self, epoch: int):
         c = self.cfg
         return stream_plan(self.manifest, c.seed, epoch, self.world_size, c.batch_size, c.grad_accum)
+
+    def _dropped(self) -> int:
+        return self._plan(0)[2]
 
     def __len__(self) -> int:
         return self._plan(self.epoch)[1]
