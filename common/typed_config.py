@@ -110,7 +110,12 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as e:  # validate() methods raise ValueError; to the CLIs that is a config error (one line)
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from e
     return obj
 
 
