@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from data_pipeline import demo_corpus
 from tests.conftest import ROOT, free_port, kill_group, require_netns
@@ -161,6 +162,8 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
         assert piece in out, piece
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(res) == {"base", "stage 1", "stage 2"} and res["base"]["queries"] == 120
+    for stage in ("stage1", "stage2"):  # --zero-stage (default 3) reaches both stages' saved configs
+        assert yaml.safe_load((tmp_path / "demo" / stage / "config.yaml").read_text())["deepspeed"]["zero_stage"] == 3
     # one tracking store: both stages in one experiment, stage 2 a child of stage 1, the exports as artifacts
     # (no mlflow.set_tracking_uri here: it exports MLFLOW_TRACKING_URI to every later test's subprocesses)
     from mlflow.tracking import MlflowClient
