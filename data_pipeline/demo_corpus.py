@@ -1,8 +1,8 @@
 """A small synthetic retrieval world the project ships by generating it: fictional species with attributes.
 
 Queries ask for one attribute of one species; the positive passage states it; hard negatives state another
-attribute of the same species or the same attribute of a similar species. The listwise slates carry a graded
-teacher ordering (exact > same species > same attribute > unrelated), so both stages have something to learn.
+attribute of the same species or the same attribute of a similar species. The listwise slates carry teacher
+grades (exact > same species > same attribute > unrelated), so both stages have something to learn.
 Deterministic from the seed; writes JSONL in the pipeline's input formats and a BEIR-style held-out split.
 """
 
@@ -112,6 +112,11 @@ def _passage(rng: random.Random, sp: dict, attr: str) -> str:
     return ATTRIBUTES[attr][1].format(n=sp["name"], v=sp[attr]) + " " + rng.choice(FILLER)
 
 
+def _grade(q: tuple[int, str], p: tuple[int, str]) -> int:
+    """The teacher's grade of passage p for the query about q: 3 exact, 2 same species, 1 same attribute, 0 other."""
+    return 3 if p == q else 2 if p[0] == q[0] else 1 if p[1] == q[1] else 0
+
+
 def generate(out_dir: str | Path, *, species: int = 120, seed: int = 0, slate: int = 12, eval_fraction: float = 0.2):
     """Write contrastive.jsonl, listwise.jsonl (train) and eval/{corpus,queries}.jsonl + qrels/test.tsv."""
     rng = random.Random(seed)
@@ -145,14 +150,13 @@ def generate(out_dir: str | Path, *, species: int = 120, seed: int = 0, slate: i
     with open(out / "listwise.jsonl", "w") as f:
         for i, a in train_pairs:
             pool = slate_for(i, a)
-            order = list(range(len(pool)))
-            rng.shuffle(order)  # stored order is random; "ranking" lists 1-based positions, best first
-            stored = [pool[k] for k in order]
-            ranking = [order.index(k) + 1 for k in range(len(pool))]
+            rng.shuffle(pool)  # stored order is random
+            # graded, not a permutation: the order inside a grade is arbitrary, so a full ranking would teach
+            # RankNet ~15 of its 66 pairs at random; grades add no pair between equals
+            grades = [_grade((i, a), p) for p in pool]
             f.write(
-                json.dumps(
-                    {"query": query(i, a), "document": [docs[p] for p in stored], "ranking": ranking, "source": "demo"}
-                )
+                json.dumps({"query": query(i, a), "document": [docs[p] for p in pool], "relevance": grades,
+                            "source": "demo"})
                 + "\n"
             )
     with open(out / "eval" / "corpus.jsonl", "w") as f:

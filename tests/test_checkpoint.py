@@ -38,6 +38,20 @@ def test_exact_resume_after_a_stop(setup, full_run):
     assert_same_losses(out, full_run[0], keys=("loss", "infonce", "accuracy", "lr", "grad_norm", "masked_negatives"))
 
 
+def test_resume_with_another_zero_stage_is_refused(setup):
+    """A ZeRO-3 checkpoint is not loaded into a ZeRO-2 engine (the main job's --zero-stage on a reused --out): one
+    clear error naming both stages, and the checkpoint is left as it was."""
+    require_netns()
+    out = setup["dir"] / "zero3then2"
+    r1 = torchrun(train_cmd(setup["c"], setup["model"], out, "run.stop_after_steps=1"))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = torchrun(train_cmd(setup["c"], setup["model"], out, "deepspeed.zero_stage=2"))
+    assert r2.returncode != 0
+    assert "was written with DeepSpeed ZeRO-3 and this run asks for ZeRO-2" in r2.stdout + r2.stderr
+    assert "Traceback" not in r2.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step00000001" and not (out / "export").exists()
+
+
 def test_exact_resume_after_a_kill(setup, full_run):
     """SIGKILL the whole job mid-run; the restart resumes from the last complete checkpoint and matches."""
     require_netns()

@@ -162,8 +162,12 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
         assert piece in out, piece
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(res) == {"base", "stage 1", "stage 2"} and res["base"]["queries"] == 120
-    for stage in ("stage1", "stage2"):  # --zero-stage (default 3) reaches both stages' saved configs
-        assert yaml.safe_load((tmp_path / "demo" / stage / "config.yaml").read_text())["deepspeed"]["zero_stage"] == 3
+    # a decoder gets the decoder's demo settings (launch/main.py DEMO_DEFAULTS) in both stages' saved configs
+    for stage, lr in (("stage1", 3e-4), ("stage2", 1e-4)):
+        saved = yaml.safe_load((tmp_path / "demo" / stage / "config.yaml").read_text())
+        assert saved["deepspeed"]["zero_stage"] == 2 and saved["optim"]["lr"] == lr
+        assert saved["loss"]["temperature"] == 0.05 and saved["model"]["pooling"] == "last"
+    assert "(decoder): ZeRO-2, stage-1 lr 0.0003, stage-2 lr 0.0001, temperature 0.05" in out
     # one tracking store: both stages in one experiment, stage 2 a child of stage 1, the exports as artifacts
     # (no mlflow.set_tracking_uri here: it exports MLFLOW_TRACKING_URI to every later test's subprocesses)
     from mlflow.tracking import MlflowClient

@@ -224,6 +224,12 @@ class Trainer:
         D.barrier()
         tag = C.latest(self.ckpt_dir)
         state = C.trainer_state(self.ckpt_dir, tag) if tag else {}
+        was, now = state.get("config", {}).get("deepspeed", {}).get("zero_stage"), self.cfg.deepspeed.zero_stage
+        if tag and was is not None and was != now:
+            # the optimizer states are partitioned differently per stage: loading one into the other is not a resume
+            raise PreflightError(
+                f"checkpoint {self.ckpt_dir / tag} was written with DeepSpeed ZeRO-{was} and this run asks for "
+                f"ZeRO-{now}: resume it with deepspeed.zero_stage={was}, or start in another run.output_dir")
         if not tag or (old := C.saved_world(self.ckpt_dir, tag, state)) == self.world:
             return tag, False
         lc = self.cfg.loader
