@@ -36,8 +36,10 @@ from data_pipeline import demo_corpus  # noqa: E402
 # ZeRO-2 because ZeRO-3's parameter gathers over gloo double a CPU step; higher LRs because a 2-core box gives few
 # steps; 30 stage-2 steps, where the dev listwise curve levels off. The encoder keeps the settings it was measured with.
 DEMO_DEFAULTS = {
-    "decoder": {"zero_stage": 2, "stage1_lr": 3e-4, "stage2_lr": 1e-4, "temperature": 0.05, "stage2_steps": 30},
-    "encoder": {"zero_stage": 3, "stage1_lr": None, "stage2_lr": None, "temperature": None, "stage2_steps": 20},
+    "decoder": {"zero_stage": 2, "stage1_lr": 3e-4, "stage2_lr": 1e-4, "temperature": 0.05, "stage2_steps": 30,
+                "dtype": "auto"},
+    "encoder": {"zero_stage": 3, "stage1_lr": None, "stage2_lr": None, "temperature": None, "stage2_steps": 20,
+                "dtype": "auto"},
 }
 
 
@@ -84,6 +86,9 @@ def main(argv=None) -> int:
                     help="DeepSpeed ZeRO stage for both stages (default: the backbone family's). 3 partitions "
                          "parameters too (the path clusters run); on 2 CPU cores over gloo its per-forward parameter "
                          "gathers cost SmolLM2-135M 18-24 s a stage-1 step against 9-11 s with 2 (see README)")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
+                    help="training and evaluation precision (default: the backbone family's; auto = bf16 on CPUs with "
+                         "AVX512-BF16/AMX, fp32 elsewhere: trainer/model.py resolve_precision)")
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--stage2-steps", type=int, default=None, help="default: the backbone family's")
     args = ap.parse_args(argv)
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     print(f"[main] {args.model} ({family}): ZeRO-{args.zero_stage}, stage-1 lr {args.stage1_lr or 'recipe'}, "
-          f"stage-2 lr {args.stage2_lr or 'recipe'}, temperature {args.temperature or 'recipe'}", flush=True)
+          f"stage-2 lr {args.stage2_lr or 'recipe'}, temperature {args.temperature or 'recipe'}, dtype {args.dtype}",
+          flush=True)
     tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64",
            f"tokenization.prompt_max_len={args.prompt_len}", "tokenization.prompt_doc_max_len=40"]
     head = RayHead(out / "ray-head.log")
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
                        "train.tracking.run_name=stage1",
                        *([f"train.loss.temperature={args.temperature}"] if args.temperature else []),
                        *([f"train.optim.lr={args.stage1_lr}"] if args.stage1_lr else []),
-                       f"train.deepspeed.zero_stage={args.zero_stage}"],
+                       f"train.deepspeed.zero_stage={args.zero_stage}", f"train.model.dtype={args.dtype}"],
              log, f"stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-{args.zero_stage})")
         t2 = time.time()
     finally:
@@ -139,12 +145,12 @@ def main(argv=None) -> int:
           f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}", f"model.pooling={args.pooling}",
           f"run.max_steps={args.stage2_steps}", f"tracking.tracking_uri={uri}", "tracking.run_name=stage2",
           *([f"loss.temperature={args.temperature}"] if args.temperature else []),
-          *([f"optim.lr={args.stage2_lr}"] if args.stage2_lr else []), f"deepspeed.zero_stage={args.zero_stage}"],
+          *([f"optim.lr={args.stage2_lr}"] if args.stage2_lr else []), f"deepspeed.zero_stage={args.zero_stage}", f"model.dtype={args.dtype}"],
          log, f"stage 2: deepspeed launcher (2 processes, ZeRO-{args.zero_stage})")
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         f.unlink(missing_ok=True)
     t3 = time.time()
-    table = _evaluate(out, args.model, args.pooling, args.prompt_len)
+    table = _evaluate(out, args.model, args.pooling, args.prompt_len, args.dtype)
     t4 = time.time()
     print(table)
     print(f"[main] times: pre-tokenization {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, "
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _evaluate(out: Path, model: str, pooling: str, prompt_len: int) -> str:
+def _evaluate(out: Path, model: str, pooling: str, prompt_len: int, dtype: str) -> str:
     import torch
 
     from data_pipeline.instructions import InstructionTable
@@ -167,8 +173,9 @@ def _evaluate(out: Path, model: str, pooling: str, prompt_len: int) -> str:
     ins = InstructionTable.load().lookup("demo", False)
     tok = TokenizationConfig(tokenizer=model, query_max_len=64, doc_max_len=64, prompt_max_len=prompt_len,
                              prompt_doc_max_len=40)
-    models = {"base": Reranker.from_base(model, pooling=pooling, tokenization=tok), "stage 1": Reranker.from_pretrained(out / "stage1" / "export"),
-              "stage 2": Reranker.from_pretrained(out / "stage2" / "export")}
+    models = {"base": Reranker.from_base(model, pooling=pooling, tokenization=tok, dtype=dtype),
+              "stage 1": Reranker.from_pretrained(out / "stage1" / "export", dtype=dtype),
+              "stage 2": Reranker.from_pretrained(out / "stage2" / "export", dtype=dtype)}
     rows = ["| model | retrieval NDCG@10 | listwise NDCG@10 |", "|---|---|---|"]
     res = {}
     for name, m in models.items():
@@ -177,10 +184,32 @@ def _evaluate(out: Path, model: str, pooling: str, prompt_len: int) -> str:
         res[name] = r
         rows.append(f"| {name} | {r['retrieval']['NDCG@10']:.4f} | {r['listwise']['NDCG@10']:.4f} |")
     first = res["base"]["first_stage"]["NDCG@10"]
+    tests = _significance(es, out / "eval")
+    res["paired_tests"] = tests
     (out / "results.json").write_text(json.dumps(res, indent=1))
     shutil.copy(out / "results.json", out / "eval" / "results.json")
+    lines = [f"[main] {c}: {t['mean_a']:.4f} -> {t['mean_b']:.4f}, {t['diff']:+.4f} "
+             f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}], p = {t['p_ttest']:.2g}" for c, t in tests.items()]
     return (f"[main] held-out demo queries ({res['base']['queries']}), BM25 top-30 candidates "
-            f"(BM25 NDCG@10 {first:.4f}):\n" + "\n".join(rows))
+            f"(BM25 NDCG@10 {first:.4f}):\n" + "\n".join(rows) +
+            "\n[main] paired over queries (b vs a: a -> b, b - a [95% bootstrap CI], t-test p):\n" + "\n".join(lines))
+
+
+# The orderings the main job exists to show (E2Rank: stage-2 listwise > stage-1 retrieval > base).
+CLAIMS = {"stage 1 retrieval vs base retrieval": (("base", "retrieval"), ("stage1", "retrieval")),
+          "stage 2 listwise vs stage 1 retrieval": (("stage1", "retrieval"), ("stage2", "listwise")),
+          "stage 2 listwise vs base listwise": (("base", "listwise"), ("stage2", "listwise"))}
+
+
+def _significance(es, eval_dir: Path) -> dict[str, dict[str, float]]:
+    """Query-level paired tests of CLAIMS, from the TREC runs evaluate() wrote."""
+    from trainer.evaluation import paired_test, per_query, read_trec_run
+
+    def scores(tag: str, mode: str) -> dict[str, float]:
+        run = read_trec_run(eval_dir / f"{es.name}.{tag}.{mode}.trec")
+        return per_query(es.qrels, {q: dict(docs) for q, docs in run.items()})
+
+    return {claim: paired_test(scores(*a), scores(*b)) for claim, (a, b) in CLAIMS.items()}
 
 
 if __name__ == "__main__":

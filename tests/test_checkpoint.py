@@ -4,6 +4,7 @@ between saves and inside a save, after a full disk during a save, and on another
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -48,7 +49,9 @@ def test_resume_with_another_zero_stage_is_refused(setup):
     r2 = torchrun(train_cmd(setup["c"], setup["model"], out, "deepspeed.zero_stage=2"))
     assert r2.returncode != 0
     assert "was written with DeepSpeed ZeRO-3 and this run asks for ZeRO-2" in r2.stdout + r2.stderr
-    assert "Traceback" not in r2.stderr
+    # torchrun prints its own ChildFailedError traceback for any non-zero worker; the workers print none
+    assert not re.search(r'File ".*/(trainer|launch|common)/', r2.stderr), r2.stderr[-3000:]
+    assert "exitcode  : 2" in r2.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step00000001" and not (out / "export").exists()
 
 

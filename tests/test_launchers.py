@@ -161,7 +161,14 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
                   "| stage 2 |", "mlflow ui --backend-store-uri sqlite:///"):
         assert piece in out, piece
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(res) == {"base", "stage 1", "stage 2"} and res["base"]["queries"] == 120
+    assert set(res) == {"base", "stage 1", "stage 2", "paired_tests"} and res["base"]["queries"] == 120
+    # the ordering the job exists to show, tested per query from the written TREC runs
+    tests = res["paired_tests"]
+    assert set(tests) == {"stage 1 retrieval vs base retrieval", "stage 2 listwise vs stage 1 retrieval",
+                          "stage 2 listwise vs base listwise"}
+    for claim, t in tests.items():
+        assert t["queries"] == 120 and 0 <= t["p_ttest"] <= 1 and f"[main] {claim}: " in out
+    assert tests["stage 2 listwise vs stage 1 retrieval"]["mean_b"] == pytest.approx(res["stage 2"]["listwise"]["NDCG@10"], abs=1e-4)
     # a decoder gets the decoder's demo settings (launch/main.py DEMO_DEFAULTS) in both stages' saved configs
     for stage, lr in (("stage1", 3e-4), ("stage2", 1e-4)):
         saved = yaml.safe_load((tmp_path / "demo" / stage / "config.yaml").read_text())
