@@ -34,12 +34,14 @@ from data_pipeline import demo_corpus  # noqa: E402
 # The demo's settings per backbone family (None: the recipes'). The decoder's were chosen on a dev world (the demo
 # generator with seed=1, other species; README "The main job with the decoder"), never on the held-out queries:
 # ZeRO-2 because ZeRO-3's parameter gathers over gloo double a CPU step; higher LRs because a 2-core box gives few
-# steps; 30 stage-2 steps, where the dev listwise curve levels off. The encoder keeps the settings it was measured with.
+# steps; 30 stage-2 steps, where the dev listwise curve levels off; fp32 training, where they were chosen (in bf16 on
+# an AVX512-BF16 CPU the same 30 + 30 steps did not learn the listwise mode: README). Evaluation runs at the
+# Reranker's default precision (bf16 where the CPU has it natively). The encoder keeps the settings it was measured with.
 DEMO_DEFAULTS = {
     "decoder": {"zero_stage": 2, "stage1_lr": 3e-4, "stage2_lr": 1e-4, "temperature": 0.05, "stage2_steps": 30,
-                "dtype": "auto"},
+                "dtype": "fp32"},
     "encoder": {"zero_stage": 3, "stage1_lr": None, "stage2_lr": None, "temperature": None, "stage2_steps": 20,
-                "dtype": "auto"},
+                "dtype": "fp32"},
 }
 
 
@@ -87,8 +89,10 @@ def main(argv=None) -> int:
                          "parameters too (the path clusters run); on 2 CPU cores over gloo its per-forward parameter "
                          "gathers cost SmolLM2-135M 18-24 s a stage-1 step against 9-11 s with 2 (see README)")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
-                    help="training and evaluation precision (default: the backbone family's; auto = bf16 on CPUs with "
+                    help="training precision (default: the backbone family's; auto = bf16 on CPUs with "
                          "AVX512-BF16/AMX, fp32 elsewhere: trainer/model.py resolve_precision)")
+    ap.add_argument("--eval-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="evaluation precision (auto: the Reranker's, bf16 where the hardware multiplies it natively)")
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--stage2-steps", type=int, default=None, help="default: the backbone family's")
     args = ap.parse_args(argv)
@@ -113,7 +117,8 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     print(f"[main] {args.model} ({family}): ZeRO-{args.zero_stage}, stage-1 lr {args.stage1_lr or 'recipe'}, "
-          f"stage-2 lr {args.stage2_lr or 'recipe'}, temperature {args.temperature or 'recipe'}, dtype {args.dtype}",
+          f"stage-2 lr {args.stage2_lr or 'recipe'}, temperature {args.temperature or 'recipe'}, "
+          f"training dtype {args.dtype}, evaluation dtype {args.eval_dtype}",
           flush=True)
     tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64",
            f"tokenization.prompt_max_len={args.prompt_len}", "tokenization.prompt_doc_max_len=40"]
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         f.unlink(missing_ok=True)
     t3 = time.time()
-    table = _evaluate(out, args.model, args.pooling, args.prompt_len, args.dtype)
+    table = _evaluate(out, args.model, args.pooling, args.prompt_len, args.eval_dtype)
     t4 = time.time()
     print(table)
     print(f"[main] times: pre-tokenization {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, "
