@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from data_pipeline.instructions import InstructionTable
     from data_pipeline.text import QUERY_TEMPLATE, TextEncoder, TokenizationConfig
     from experiments.sets import real_sets
-    from trainer.evaluation import evaluate, paired_test, per_query, read_trec_run
+    from trainer.evaluation import evaluate, paired_test, per_query_of_run
     from trainer.reranker import Reranker
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -46,8 +46,7 @@ def main(argv=None) -> int:
             tag = "native" if template == native else "e2rank"
             res[f"{name}/{tag}"] = evaluate(r, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,
                                             out_dir=out, tag=tag, progress=False)
-        pq = {t: per_query(es.qrels, {q: dict(v) for q, v in read_trec_run(out / f"{es.name}.{t}.retrieval.trec").items()})
-              for t in ("native", "e2rank")}
+        pq = {t: per_query_of_run(es.qrels, out, es.name, t, "retrieval") for t in ("native", "e2rank")}
         res[f"{name}/retrieval native vs e2rank"] = paired_test(pq["e2rank"], pq["native"])
     (out / "results.json").write_text(json.dumps(res, indent=1))
     for name in sets:

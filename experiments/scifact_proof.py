@@ -256,7 +256,7 @@ def last_dev(folder: Path) -> dict[str, float]:
 # -- report -------------------------------------------------------------------------------------------------------
 def report(args) -> str:
     from experiments.sets import real_sets
-    from trainer.evaluation import paired_test, per_query, read_trec_run
+    from trainer.evaluation import paired_test, per_query, per_query_of_run, read_trec_run
 
     out, d = Path(args.out), Path(args.data)
     res = json.loads((out / "eval" / "results.json").read_text())
@@ -272,7 +272,7 @@ def report(args) -> str:
                 {q: {doc: float(len(docs) - i) for i, doc in enumerate(docs)} for q, docs in sets["noveleval"].run.items()}
             run = {q: v for q, v in run.items() if q in qrels[dataset]}
         else:
-            run = {q: dict(v) for q, v in read_trec_run(out / "eval" / f"{dataset}.{tag}.{mode}.trec").items()}
+            return per_query_of_run(qrels[dataset], out / "eval", dataset, tag, mode)
         return per_query(qrels[dataset], run)
 
     def averaged(dataset: str, prefix: str, mode: str, seeds_of: str = "") -> tuple[dict[str, float], list[str]]:

@@ -34,14 +34,11 @@ from data_pipeline import demo_corpus  # noqa: E402
 # The demo's settings per backbone family (None: the recipes'). The decoder's were chosen on a dev world (the demo
 # generator with seed=1, other species; README "The main job with the decoder"), never on the held-out queries:
 # ZeRO-2 because ZeRO-3's parameter gathers over gloo double a CPU step; higher LRs because a 2-core box gives few
-# steps; 30 stage-2 steps, where the dev listwise curve levels off; fp32 training, where they were chosen (in bf16 on
-# an AVX512-BF16 CPU the same 30 + 30 steps did not learn the listwise mode: README). Evaluation runs at the
-# Reranker's default precision (bf16 where the CPU has it natively). The encoder keeps the settings it was measured with.
+# steps; 30 stage-2 steps, where the dev listwise curve levels off. The encoder keeps the settings it was measured
+# with. Both train in fp32 by default (--dtype), where these were chosen.
 DEMO_DEFAULTS = {
-    "decoder": {"zero_stage": 2, "stage1_lr": 3e-4, "stage2_lr": 1e-4, "temperature": 0.05, "stage2_steps": 30,
-                "dtype": "fp32"},
-    "encoder": {"zero_stage": 3, "stage1_lr": None, "stage2_lr": None, "temperature": None, "stage2_steps": 20,
-                "dtype": "fp32"},
+    "decoder": {"zero_stage": 2, "stage1_lr": 3e-4, "stage2_lr": 1e-4, "temperature": 0.05, "stage2_steps": 30},
+    "encoder": {"zero_stage": 3, "stage1_lr": None, "stage2_lr": None, "temperature": None, "stage2_steps": 20},
 }
 
 
@@ -88,9 +85,9 @@ def main(argv=None) -> int:
                     help="DeepSpeed ZeRO stage for both stages (default: the backbone family's). 3 partitions "
                          "parameters too (the path clusters run); on 2 CPU cores over gloo its per-forward parameter "
                          "gathers cost SmolLM2-135M 18-24 s a stage-1 step against 9-11 s with 2 (see README)")
-    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
-                    help="training precision (default: the backbone family's; auto = bf16 on CPUs with "
-                         "AVX512-BF16/AMX, fp32 elsewhere: trainer/model.py resolve_precision)")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="fp32",
+                    help="training precision (auto = bf16 on CPUs with AVX512-BF16/AMX, fp32 elsewhere: "
+                         "trainer/model.py resolve_precision; README on bf16 training on CPUs)")
     ap.add_argument("--eval-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="evaluation precision (auto: the Reranker's, bf16 where the hardware multiplies it natively)")
     ap.add_argument("--stage1-steps", type=int, default=30)
@@ -208,11 +205,10 @@ CLAIMS = {"stage 1 retrieval vs base retrieval": (("base", "retrieval"), ("stage
 
 def _significance(es, eval_dir: Path) -> dict[str, dict[str, float]]:
     """Query-level paired tests of CLAIMS, from the TREC runs evaluate() wrote."""
-    from trainer.evaluation import paired_test, per_query, read_trec_run
+    from trainer.evaluation import paired_test, per_query_of_run
 
     def scores(tag: str, mode: str) -> dict[str, float]:
-        run = read_trec_run(eval_dir / f"{es.name}.{tag}.{mode}.trec")
-        return per_query(es.qrels, {q: dict(docs) for q, docs in run.items()})
+        return per_query_of_run(es.qrels, eval_dir, es.name, tag, mode)
 
     return {claim: paired_test(scores(*a), scores(*b)) for claim, (a, b) in CLAIMS.items()}
 

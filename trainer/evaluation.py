@@ -186,6 +186,17 @@ def per_query(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]
     return {q: v[measure] for q, v in res.items()}
 
 
+def run_file(out_dir: Path, set_name: str, tag: str, mode: str) -> Path:
+    """Where evaluate() writes one model's ranking in one mode (TREC run format)."""
+    return Path(out_dir) / f"{set_name}.{tag}.{mode}.trec"
+
+
+def per_query_of_run(qrels: dict[str, dict[str, int]], out_dir: Path, set_name: str, tag: str, mode: str
+                     ) -> dict[str, float]:
+    """Per-query NDCG@10 of a run evaluate() wrote: the input of paired tests between models and modes."""
+    return per_query(qrels, {q: dict(docs) for q, docs in read_trec_run(run_file(out_dir, set_name, tag, mode)).items()})
+
+
 def paired_test(a: dict[str, float], b: dict[str, float], n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
     """b against a on the queries both scored: mean difference, two-sided paired t-test p-value, and a 95% paired
     bootstrap interval of the mean difference (queries resampled with replacement)."""
@@ -224,7 +235,7 @@ def evaluate(reranker, es: EvalSet, *, query_instruction: str = "", rerank_instr
         result[mode] = metrics(es.qrels, run, level)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_trec_run(out_dir / f"{es.name}.{tag}.{mode}.trec", run, f"{tag}-{mode}")
+            write_trec_run(run_file(out_dir, es.name, tag, mode), run, f"{tag}-{mode}")
             (out_dir / f"{es.name}.{tag}.json").write_text(json.dumps(result, indent=1))
 
     done("first_stage", first_stage_scores(es))
