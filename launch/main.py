@@ -90,6 +90,8 @@ def main(argv=None) -> int:
                          "trainer/model.py resolve_precision; README on bf16 training on CPUs)")
     ap.add_argument("--eval-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="evaluation precision (auto: the Reranker's, bf16 where the hardware multiplies it natively)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed of both stages: the torch RNG and the data order (run.seed, loader.seed)")
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--stage2-steps", type=int, default=None, help="default: the backbone family's")
     args = ap.parse_args(argv)
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
             setattr(args, k, v)
     print(f"[main] {args.model} ({family}): ZeRO-{args.zero_stage}, stage-1 lr {args.stage1_lr or 'recipe'}, "
           f"stage-2 lr {args.stage2_lr or 'recipe'}, temperature {args.temperature or 'recipe'}, "
-          f"training dtype {args.dtype}, evaluation dtype {args.eval_dtype}",
+          f"training dtype {args.dtype}, evaluation dtype {args.eval_dtype}, seed {args.seed}",
           flush=True)
     tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64",
            f"tokenization.prompt_max_len={args.prompt_len}", "tokenization.prompt_doc_max_len=40"]
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
                        "train.tracking.run_name=stage1",
                        *([f"train.loss.temperature={args.temperature}"] if args.temperature else []),
                        *([f"train.optim.lr={args.stage1_lr}"] if args.stage1_lr else []),
-                       f"train.deepspeed.zero_stage={args.zero_stage}", f"train.model.dtype={args.dtype}"],
+                       f"train.deepspeed.zero_stage={args.zero_stage}", f"train.model.dtype={args.dtype}",
+                       f"train.run.seed={args.seed}", f"train.loader.seed={args.seed}"],
              log, f"stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-{args.zero_stage})")
         t2 = time.time()
     finally:
@@ -147,7 +150,8 @@ def main(argv=None) -> int:
           f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}", f"model.pooling={args.pooling}",
           f"run.max_steps={args.stage2_steps}", f"tracking.tracking_uri={uri}", "tracking.run_name=stage2",
           *([f"loss.temperature={args.temperature}"] if args.temperature else []),
-          *([f"optim.lr={args.stage2_lr}"] if args.stage2_lr else []), f"deepspeed.zero_stage={args.zero_stage}", f"model.dtype={args.dtype}"],
+          *([f"optim.lr={args.stage2_lr}"] if args.stage2_lr else []), f"deepspeed.zero_stage={args.zero_stage}", f"model.dtype={args.dtype}",
+          f"run.seed={args.seed}", f"loader.seed={args.seed}"],
          log, f"stage 2: deepspeed launcher (2 processes, ZeRO-{args.zero_stage})")
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         f.unlink(missing_ok=True)

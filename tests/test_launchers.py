@@ -149,7 +149,7 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
     import psutil
 
     cmd = [sys.executable, "-m", "launch.main", "--out", str(tmp_path / "demo"), "--model", str(world["model"]),
-           "--stage1-steps", "3", "--stage2-steps", "3"]
+           "--stage1-steps", "3", "--stage2-steps", "3", "--seed", "3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -175,6 +175,7 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
         assert saved["deepspeed"]["zero_stage"] == 2 and saved["optim"]["lr"] == lr
         assert saved["loss"]["temperature"] == 0.05 and saved["model"]["pooling"] == "last"
         assert saved["model"]["dtype"] == "fp32"  # trained where the settings were chosen, also on bf16-capable CPUs
+        assert saved["run"]["seed"] == saved["loader"]["seed"] == 3  # --seed: the RNG and the data order of both stages
     assert "(decoder): ZeRO-2, stage-1 lr 0.0003, stage-2 lr 0.0001, temperature 0.05" in out
     # one tracking store: both stages in one experiment, stage 2 a child of stage 1, the exports as artifacts
     # (no mlflow.set_tracking_uri here: it exports MLFLOW_TRACKING_URI to every later test's subprocesses)

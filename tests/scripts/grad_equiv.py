@@ -16,6 +16,7 @@ from trainer.objective import compute
 
 model_path, batch_path, stage, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 mode = sys.argv[6] if len(sys.argv) > 6 else "padded"  # padded | chunked | cached
+bf16 = len(sys.argv) > 7 and sys.argv[7] == "bf16"  # the model and DeepSpeed in bf16, as model.dtype=bf16 trains
 CHUNK = 16  # tokens per forward: 1-2 sequences, so the ranks' chunk counts differ and must be agreed
 
 
@@ -34,12 +35,13 @@ def local_slice(batch, rank, world):
 D.init(60)
 rank, world = D.world()
 batch = local_slice(torch.load(batch_path), rank, world)
-enc = Encoder(AutoModel.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32), "last")
+enc = Encoder(AutoModel.from_pretrained(model_path, attn_implementation="sdpa",
+                                        dtype=torch.bfloat16 if bf16 else torch.float32), "last")
 # the trainer's own DeepSpeed config (trainer.loop.ds_config), so the equivalence covers what training runs
 tc = TrainConfig()
 tc.loader.batch_size, tc.loader.grad_accum, tc.deepspeed.zero_stage = batch["query_input_ids"].shape[0], 1, zero
 tc.optim.lr = 0.0
-cfg = ds_config(tc, bf16=False, hidden=enc.backbone.config.hidden_size)
+cfg = ds_config(tc, bf16=bf16, hidden=enc.backbone.config.hidden_size)
 engine, *_ = deepspeed.initialize(model=enc, model_parameters=enc.parameters(), config=cfg)
 if mode == "cached":
     step = CachedStep(engine, CHUNK)
@@ -53,7 +55,7 @@ if mode == "cached":
 else:
     terms = compute(engine, batch, stage, LossConfig(), chunk_tokens=CHUNK if mode == "chunked" else 0)
     engine.backward(terms["loss"])
-grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+grads = {n: safe_get_full_grad(p).detach().float().clone() for n, p in engine.module.named_parameters()}
 loss = D.mean_across(terms["loss"])
 if rank == 0:
     torch.save({"grads": grads, "loss": loss}, out)
