@@ -69,9 +69,12 @@ def test_exact_resume_after_a_kill(setup, full_run):
     finally:
         kill_group(proc, grace=0, term=False)
     killed_at = (out / "checkpoints" / "latest").read_text()
-    r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=40", "run.save_every=4"))
+    r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=40", "run.save_every=4",
+                           "run.keep_checkpoints=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed_from={killed_at}" in r.stdout
+    # retention: the resumed run's saves left the newest two, and the export read the last
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000036", "step00000040"]
     rr = torchrun(ref_cmd)
     assert rr.returncode == 0, rr.stderr[-3000:]
     assert_same_losses(out, setup["dir"] / "ref40", steps=40, keys=("loss",))

@@ -55,7 +55,8 @@ class CheckpointError(RuntimeError):
 PARTIAL, UNIVERSAL = ".partial", ".universal"
 
 
-def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any]) -> Path:
+def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int = 0) -> Path:
+    """All ranks. `keep` > 0: then remove all but the newest `keep` complete checkpoints (prune)."""
     tag = f"step{step:08d}"
     rank, world = D.world()
     part = ckpt_dir / (tag + PARTIAL)
@@ -72,6 +73,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any]) -> Path:
             tmp = ckpt_dir / f".latest.tmp{os.getpid()}"
             tmp.write_text(tag)
             tmp.replace(ckpt_dir / "latest")
+            prune(ckpt_dir, keep)  # only once `latest` names the new one: a crash here still leaves a resumable run
     except (OSError, RuntimeError) as e:
         # torch.save reports a full disk as "unexpected pos ..." (errno lost): judge by the space a checkpoint needs
         free, prev = shutil.disk_usage(ckpt_dir).free, latest(ckpt_dir)
@@ -95,6 +97,24 @@ def clean(ckpt_dir: Path) -> list[str]:
             sorted(ckpt_dir.glob(f"*{UNIVERSAL}.tmp*")):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
         gone.append(p.name)
+    return gone
+
+
+def prune(ckpt_dir: Path, keep: int) -> list[str]:
+    """Rank 0: remove complete checkpoints (and their universal conversions) older than the newest `keep`; never
+    the one `latest` names. keep <= 0 keeps all."""
+    if keep <= 0:
+        return []
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")
+                  and p.name[4:].isdigit())
+    current, gone = latest(ckpt_dir), []
+    for tag in tags[:-keep]:
+        if tag == current:
+            continue
+        for p in (ckpt_dir / tag, ckpt_dir / (tag + UNIVERSAL)):
+            if p.exists():
+                shutil.rmtree(p)
+        gone.append(tag)
     return gone
 
 

@@ -64,6 +64,9 @@ class RunConfig:
     max_steps: int = 100  # optimizer steps; the LR schedule decays to 0 at max_steps
     stop_after_steps: int = 0  # >0: stop (with a checkpoint) after this many steps, e.g. to fit a time slot
     save_every: int = 50
+    # >0: after each save keep only the newest N complete checkpoints (as HF Trainer's save_total_limit): a
+    # SmolLM2-135M checkpoint with its Adam state is ~1.8 GB, so the demo's 3 saves per stage took 11 GB. 0 = all.
+    keep_checkpoints: int = 0
     log_every: int = 1
     seed: int = 0  # torch RNG (dropout, new weights); the data order has its own seed, loader.seed
     max_bad_steps: int = 3  # NaN/Inf losses in a row before training stops with an error
@@ -134,6 +137,8 @@ class TrainConfig:
             raise ValueError("optim.lr, optim.warmup_steps and optim.grad_clip must be >= 0")
         if self.run.max_steps < 1 or self.run.save_every < 1 or self.run.log_every < 1:
             raise ValueError("run.max_steps, run.save_every and run.log_every must be >= 1")
+        if self.run.keep_checkpoints < 0:
+            raise ValueError("run.keep_checkpoints must be >= 0 (0 keeps every checkpoint)")
         if self.optim.warmup_steps > self.run.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds run.max_steps ({self.run.max_steps})")
         if self.stage == 1 and self.loader.negatives_per_query < 0:

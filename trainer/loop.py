@@ -429,7 +429,8 @@ class Trainer:
 
     def save(self) -> None:
         C.save(self.engine, self.ckpt_dir, self.step, {"loader": self.loader.state_dict(), "max_steps": self.max_steps,
-                                                        "mlflow_run_id": self.tracker.run_id, "config": to_dict(self.cfg)})
+                                                        "mlflow_run_id": self.tracker.run_id, "config": to_dict(self.cfg)},
+               keep=self.cfg.run.keep_checkpoints)
 
     # -- the time budget -------------------------------------------------------------------------------------------
     def _evals_between(self, a: int, b: int) -> int:
