@@ -208,10 +208,13 @@ def _evaluate(out: Path, model: str, pooling: str, prompt_len: int, dtype: str) 
             "\n[main] paired over queries (b vs a: a -> b, b - a [95% bootstrap CI], t-test p):\n" + "\n".join(lines))
 
 
-# The orderings the main job exists to show (E2Rank: stage-2 listwise > stage-1 retrieval > base).
+# The orderings the main job exists to show (E2Rank: stage-2 listwise > stage-1 retrieval > base), then the paper's
+# own comparison (the listwise mode against the same model's retrieval mode) and the first stage it reranks.
 CLAIMS = {"stage 1 retrieval vs base retrieval": (("base", "retrieval"), ("stage1", "retrieval")),
           "stage 2 listwise vs stage 1 retrieval": (("stage1", "retrieval"), ("stage2", "listwise")),
-          "stage 2 listwise vs base listwise": (("base", "listwise"), ("stage2", "listwise"))}
+          "stage 2 listwise vs base listwise": (("base", "listwise"), ("stage2", "listwise")),
+          "stage 2 listwise vs stage 2 retrieval": (("stage2", "retrieval"), ("stage2", "listwise")),
+          "stage 2 listwise vs BM25": (("base", "first_stage"), ("stage2", "listwise"))}
 
 
 def _significance(es, eval_dir: Path) -> dict[str, dict[str, float]]:

@@ -165,7 +165,9 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
     # the ordering the job exists to show, tested per query from the written TREC runs
     tests = res["paired_tests"]
     assert set(tests) == {"stage 1 retrieval vs base retrieval", "stage 2 listwise vs stage 1 retrieval",
-                          "stage 2 listwise vs base listwise"}
+                          "stage 2 listwise vs base listwise", "stage 2 listwise vs stage 2 retrieval",
+                          "stage 2 listwise vs BM25"}
+    assert tests["stage 2 listwise vs BM25"]["mean_a"] == pytest.approx(res["base"]["first_stage"]["NDCG@10"], abs=1e-4)
     for claim, t in tests.items():
         assert t["queries"] == 120 and 0 <= t["p_ttest"] <= 1 and f"[main] {claim}: " in out
     assert tests["stage 2 listwise vs stage 1 retrieval"]["mean_b"] == pytest.approx(res["stage 2"]["listwise"]["NDCG@10"], abs=1e-4)
