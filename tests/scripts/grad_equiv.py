@@ -59,3 +59,7 @@ grads = {n: safe_get_full_grad(p).detach().float().clone() for n, p in engine.mo
 loss = D.mean_across(terms["loss"])
 if rank == 0:
     torch.save({"grads": grads, "loss": loss}, out)
+# a clean teardown: a process group left to interpreter exit once aborted a rank ("terminate called without an
+# active exception", exit -6) after its work was done
+D.barrier()
+torch.distributed.destroy_process_group()
