@@ -73,7 +73,6 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int = 0
             tmp = ckpt_dir / f".latest.tmp{os.getpid()}"
             tmp.write_text(tag)
             tmp.replace(ckpt_dir / "latest")
-            prune(ckpt_dir, keep)  # only once `latest` names the new one: a crash here still leaves a resumable run
     except (OSError, RuntimeError) as e:
         # torch.save reports a full disk as "unexpected pos ..." (errno lost): judge by the space a checkpoint needs
         free, prev = shutil.disk_usage(ckpt_dir).free, latest(ckpt_dir)
@@ -86,6 +85,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int = 0
             f"the last complete checkpoint is {prev or 'none'}. " + ("Free space, then re-run the same command to "
             "resume from it." if full else "Re-run the same command to resume from it.")
         ) from e
+    if rank == 0:  # outside the try: a failed removal is not a failed save. After `latest` names the new one.
+        prune(ckpt_dir, keep)
     D.barrier()
     return ckpt_dir / tag
 
