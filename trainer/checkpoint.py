@@ -85,8 +85,12 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int = 0
             f"the last complete checkpoint is {prev or 'none'}. " + ("Free space, then re-run the same command to "
             "resume from it." if full else "Re-run the same command to resume from it.")
         ) from e
-    if rank == 0:  # outside the try: a failed removal is not a failed save. After `latest` names the new one.
-        prune(ckpt_dir, keep)
+    if rank == 0:  # after `latest` names the new one; a failed removal is not a failed save, and raising here on
+        try:  # rank 0 alone would leave the other ranks waiting at the barrier below
+            prune(ckpt_dir, keep)
+        except OSError as e:
+            print(f"[checkpoint] saved {ckpt_dir / tag}, but removing older checkpoints in {ckpt_dir} failed "
+                  f"({type(e).__name__}: {e}); they are kept", file=sys.stderr, flush=True)
     D.barrier()
     return ckpt_dir / tag
 
