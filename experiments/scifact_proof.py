@@ -215,7 +215,7 @@ class Runner:
         grid1 = [tuple(float(x) for x in g.split(":")) for g in a.stage1_grid]
         self.first_run = grid_name(1, *grid1[0], a.seeds[0])
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-            evals = [pool.submit(self.evaluate, "base", base, True)]
+            evals = [pool.submit(self.evaluate, "base", base, True)] if "base" in a.test_models else []
             s1f = {(g, s): pool.submit(self.train, grid_name(1, *g, s), 1, base, s, "shards-contrastive", *g)
                    for s in a.seeds for g in grid1}
             s1 = {k: f.result() for k, f in s1f.items()}
@@ -223,7 +223,7 @@ class Runner:
             if g1 is None:
                 return
             lr1, tau = g1
-            for s in a.seeds:
+            for s in a.seeds if "stage1" in a.test_models else []:
                 evals.append(pool.submit(self.evaluate, f"stage1-seed{s}", s1[(g1, s)]))
             s2f = {}
             for s in a.seeds:
@@ -236,7 +236,7 @@ class Runner:
             s2 = {k: f.result() for k, f in s2f.items()}
             lr2 = self.choose({((lr,), s): p for (lr, t, s), p in s2.items() if t == a.teacher},
                               "dev_listwise_ndcg_at_10", f"stage 2 LR ({a.teacher} teacher)")
-            if lr2 is not None:
+            if lr2 is not None and "stage2" in a.test_models:
                 for (lr, t, s), p in s2.items():
                     if lr == lr2[0]:
                         evals.append(pool.submit(self.evaluate, f"stage2-{t}-seed{s}", p))
@@ -418,6 +418,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-tokens", type=int, default=16384)
     ap.add_argument("--chunk-efficiency", type=float, default=0.95, help="encode.min_chunk_efficiency (lower on GPUs)")
     ap.add_argument("--grad-ckpt", default="false")
+    ap.add_argument("--test-models", nargs="+", default=["base", "stage1", "stage2"], choices=["base", "stage1", "stage2"],
+                    help="which models `run` scores on SciFact test and NovelEval (each costs minutes on a CPU)")
     ap.add_argument("--train-deadline", type=float, default=0, help="seconds after which `run` starts no training")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which `run` starts nothing new")
     ap.add_argument("--profile-step", type=int, default=0, help="profile this step of the first stage-1 run")
