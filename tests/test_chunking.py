@@ -151,3 +151,16 @@ def test_encode_chunked_keeps_batch_order(tiny):
         whole = enc(ids, mask)
         parts = encode_chunked(enc, ids, mask, budget=16)
     assert torch.allclose(whole, parts, atol=1e-6)
+
+
+def test_assign_chunks_balances_by_cost_and_covers_every_chunk_once():
+    from trainer.chunking import assign_chunks
+
+    costs = [100, 80, 60, 40, 30, 20, 10, 10, 5]
+    shares = assign_chunks(costs, 2)
+    assert sorted(j for s in shares for j in s) == list(range(len(costs)))
+    loads = [sum(costs[j] for j in s) for s in shares]
+    assert abs(loads[0] - loads[1]) <= max(costs[j] for j in range(len(costs)) if costs[j] <= 10)  # LPT: within a small chunk
+    assert shares == assign_chunks(costs, 2)  # deterministic: every rank computes the same split alone
+    assert assign_chunks(costs, 1) == [sorted(range(len(costs)), key=lambda j: -costs[j])]
+    assert assign_chunks([7], 3) == [[0], [], []]  # fewer chunks than ranks: the others run fillers

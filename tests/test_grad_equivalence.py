@@ -93,3 +93,36 @@ def test_bf16_sharded_gradients_track_fp32(tmp_path, stage):
     got = torch.cat([sharded["grads"][n].double().flatten() for n, _ in enc.named_parameters()])
     assert torch.nn.functional.cosine_similarity(got, ref, dim=0).item() > 0.99
     assert got.norm().item() == pytest.approx(ref.norm().item(), rel=0.05)  # same scale: averaged, not summed
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_sharded_dev_encoding_equals_single_process(tmp_path, zero):
+    """The trainer's dev evaluation shards its encoding: each of 2 gloo ranks encodes its share of the chunks (13
+    texts of uneven length, so one rank runs filler forwards to keep ZeRO-3's collectives in step) and both get every
+    embedding back, equal to one process encoding them all."""
+    import json
+
+    from common.pretrained import load_tokenizer
+    from data_pipeline.text import TextEncoder, TokenizationConfig
+    from trainer.reranker import Reranker
+
+    require_netns()
+    model = make_tiny_model(tmp_path / "tiny")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    texts = [" ".join(words[: 1 + (7 * i) % 12] * (1 + i % 3)) for i in range(13)]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    r = torchrun(["tests/scripts/sharded_encode.py", str(model), str(tmp_path / "texts.json"), str(zero),
+                  str(tmp_path / "emb")])
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = [torch.load(tmp_path / f"emb.rank{k}") for k in (0, 1)]
+
+    text = TextEncoder(load_tokenizer(str(model)), TokenizationConfig(tokenizer=str(model), doc_max_len=64))
+    ref_model = AutoModel.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32)
+    ref = Reranker(ref_model, text, "last", batch_size=2, chunk_tokens=48, device="cpu")
+    want = torch.from_numpy(ref.embed(texts))
+    for g in got:
+        assert g["emb"].shape == want.shape
+        assert torch.allclose(g["emb"], want, atol=1e-5), (g["emb"] - want).abs().max()
+    assert torch.equal(got[0]["emb"], got[1]["emb"])  # both ranks hold the same, complete set
+    calls = [g["forward_calls"] for g in got]
+    assert sum(calls) == len(texts) and min(calls) > 0, calls  # the work was split, each text encoded once

@@ -23,6 +23,18 @@ def _padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def assign_chunks(costs, world: int) -> list[list[int]]:
+    """Chunk indices per rank, balanced by cost (padded tokens): largest first, each to the least-loaded rank (ties:
+    lowest rank). Deterministic, so every rank computes the same split without communicating."""
+    load = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[r].append(j)
+        load[r] += costs[j]
+    return out
+
+
 def plan_chunks(lengths, budget: int, multiple: int = 8, n_chunks: int | None = None,
                 min_efficiency: float = 0.95) -> list[np.ndarray]:
     """Indices of each chunk, longest sequences first. Greedy: a chunk grows while (count x its padded max length)

@@ -94,3 +94,13 @@ def mean_across(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def sum_across(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (no gradient); x itself without a process group. Rows that only one rank filled
+    (the others hold zeros) come back bit-exact."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.detach().clone().to(_device())
+    dist.all_reduce(x)
+    return x.cpu()

@@ -539,7 +539,7 @@ class Validator:
         self._loaded = self._loaded or self._load()
         es, ins, text = self._loaded
         rer = Reranker(None, text, self.cfg.model.pooling, device=str(engine.device),
-                       encode=lambda ids, mask: engine(ids, mask))
+                       encode=lambda ids, mask: engine(ids, mask), shard=D.world())  # each rank 1/world of it
         engine.eval()
         with torch.no_grad():
             res = evaluate(rer, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,

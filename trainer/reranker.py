@@ -18,8 +18,9 @@ from common.pretrained import load_tokenizer, resolve
 from common.typed_config import from_dict
 from data_pipeline.text import QUERY_TEMPLATE, TextEncoder, TokenizationConfig, native_query_template
 
+from . import distributed as D
 from .checkpoint import EXPORT_INFO
-from .chunking import plan_chunks
+from .chunking import assign_chunks, plan_chunks
 from .loader import left_pad
 from .model import embed, is_causal, native_bf16
 
@@ -55,10 +56,12 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 class Reranker:
     def __init__(self, model, text: TextEncoder, pooling: str, batch_size: int = 32, device: str | None = None,
-                 encode=None, chunk_tokens: int = 8192):
+                 encode=None, chunk_tokens: int = 8192, shard: tuple[int, int] = (0, 1)):
         """`encode(ids, mask) -> embeddings` replaces the model's forward (the trainer passes its DeepSpeed engine,
         so periodic evaluation runs on the partitioned ZeRO-3 model, every rank in step). Texts are encoded in
-        length-sorted chunks of at most `batch_size` sequences and `chunk_tokens` padded tokens."""
+        length-sorted chunks of at most `batch_size` sequences and `chunk_tokens` padded tokens. `shard=(rank,
+        world)`: every rank of a process group calls with the same texts, encodes its share of the chunks and gets
+        every embedding back (the trainer's dev evaluation: each rank does 1/world of the work, not all of it)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval() if model is not None else None
         causal = is_causal(model) if model is not None else None
@@ -69,7 +72,8 @@ class Reranker:
         self.chunk_tokens = chunk_tokens
         self.dtype = next(model.parameters()).dtype if model is not None else None
         self.query_format = "e2rank" if text.cfg.query_template == QUERY_TEMPLATE else text.cfg.query_template
-        self.forward_calls = 0  # sequences encoded (tests check that cached documents are not re-encoded)
+        self.rank, self.world = shard
+        self.forward_calls = 0  # sequences this process encoded (tests: cached documents are not re-encoded)
         self._doc_cache: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -125,24 +129,31 @@ class Reranker:
     # -- encoding ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_ids(self, seqs: Sequence[np.ndarray], progress=None) -> np.ndarray:
-        """Length-grouped chunks (trainer/chunking.py: little padding), results in input order."""
-        out = np.zeros((len(seqs), 0), np.float32)
-        chunks = []
+        """Length-grouped chunks (trainer/chunking.py: little padding), results in input order. Sharded: this rank's
+        chunks, then a sum across ranks fills in the rest. Ranks with fewer chunks run a 1-token forward per missing
+        chunk, since under ZeRO-3 every forward is a collective."""
         plan = plan_chunks([len(s) for s in seqs], self.chunk_tokens)
         plan = [c[i : i + self.batch_size] for c in plan for i in range(0, len(c), self.batch_size)]
-        if progress is not None:  # a tqdm bar counting tokens
-            progress.reset(total=sum(len(s) for s in seqs))
-        for idx in plan:
-            ids, mask = left_pad([seqs[j] for j in idx], self.text.pad_id, 8)
+        if not plan:
+            return np.zeros((len(seqs), 0), np.float32)
+        shares = assign_chunks([len(c) * max(len(seqs[j]) for j in c) for c in plan], self.world)
+        mine = [plan[j] for j in shares[self.rank]]
+        if progress is not None:  # a tqdm bar counting this rank's tokens
+            progress.reset(total=sum(len(seqs[j]) for c in mine for j in c))
+        out = None
+        for k in range(max(len(s) for s in shares)):
+            idx = mine[k] if k < len(mine) else [int(plan[0][0])]  # a filler forward: its embedding is dropped
+            ids, mask = left_pad([seqs[j][:1] if k >= len(mine) else seqs[j] for j in idx], self.text.pad_id, 8)
             e = self.encode(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
-            chunks.append((idx, e))
-            self.forward_calls += len(idx)
-            if progress is not None:
-                progress.update(sum(len(seqs[j]) for j in idx))
-        if chunks:
-            out = np.zeros((len(seqs), chunks[0][1].shape[1]), np.float32)
-            for idx, e in chunks:
+            if out is None:
+                out = np.zeros((len(seqs), e.shape[1]), np.float32)
+            if k < len(mine):
                 out[idx] = e
+                self.forward_calls += len(idx)
+                if progress is not None:
+                    progress.update(sum(len(seqs[j]) for j in idx))
+        if self.world > 1:
+            out = D.sum_across(torch.from_numpy(out)).numpy()
         return out
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
