@@ -418,8 +418,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-tokens", type=int, default=16384)
     ap.add_argument("--chunk-efficiency", type=float, default=0.95, help="encode.min_chunk_efficiency (lower on GPUs)")
     ap.add_argument("--grad-ckpt", default="false")
-    ap.add_argument("--test-models", nargs="+", default=["base", "stage1", "stage2"], choices=["base", "stage1", "stage2"],
-                    help="which models `run` scores on SciFact test and NovelEval (each costs minutes on a CPU)")
+    ap.add_argument("--test-models", nargs="*", default=["base", "stage1", "stage2"], choices=["base", "stage1", "stage2"],
+                    help="which models `run` scores on SciFact test and NovelEval (each costs minutes on a CPU; none: no test)")
     ap.add_argument("--train-deadline", type=float, default=0, help="seconds after which `run` starts no training")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which `run` starts nothing new")
     ap.add_argument("--profile-step", type=int, default=0, help="profile this step of the first stage-1 run")
