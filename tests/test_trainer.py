@@ -63,8 +63,9 @@ def test_mlflow_run_has_params_metrics_artifacts(full_run, setup):
     assert run.data.tags["export"].endswith("export")
     # the resumed run continued the same MLflow run
     client2 = MlflowClient(tracking_uri=f"sqlite:///{setup['dir'] / 'resumed' / 'mlflow.db'}")
-    runs2 = client2.search_runs([client2.get_experiment_by_name("e2rank").experiment_id])
-    if runs2:  # (exists once test_exact_resume_after_a_stop ran)
+    exp2 = client2.get_experiment_by_name("e2rank")  # exists once test_exact_resume_after_a_stop (test_checkpoint) ran
+    runs2 = client2.search_runs([exp2.experiment_id]) if exp2 is not None else []
+    if runs2:
         assert len(runs2) == 1
         assert len(client2.get_metric_history(runs2[0].info.run_id, "loss")) == 6
 
