@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     from data_pipeline.instructions import InstructionTable
     from experiments.sets import real_sets
-    from trainer.evaluation import evaluate, load_eval_set, paired_test, per_query, per_query_of_run, read_trec_run
+    from trainer.evaluation import evaluate, load_eval_set, paired_test, per_query_of_run
     from trainer.reranker import Reranker
 
     out = Path(args.out)
@@ -70,10 +70,9 @@ def main(argv=None) -> int:
         log(f"test k={k}: listwise {r['listwise']['NDCG@10']:.4f} (retrieval {res['test']['retrieval']:.4f})")
 
     q = sci.qrels
-    first = per_query(q, {qid: {d: -r for r, (d, _) in enumerate(h)} for qid, h in read_trec_run(
-        Path(args.data) / "scifact" / "runs" / "bm25.top100.test.trec").items() if qid in q})
-    tag_ret = f"k{max(args.paper_k, best)}"  # retrieval was scored with the first (largest) k's tag
-    runs = {"retrieval": per_query_of_run(q, out, "scifact", tag_ret, "retrieval"), "bm25": first,
+    tag_ret = f"k{max(args.paper_k, best)}"  # retrieval and BM25 were scored with the first (largest) k's tag
+    runs = {"retrieval": per_query_of_run(q, out, "scifact", tag_ret, "retrieval"),
+            "bm25": per_query_of_run(q, out, "scifact", tag_ret, "first_stage"),
             **{f"listwise_k{k}": per_query_of_run(q, out, "scifact", f"k{k}", "listwise") for k in {args.paper_k, best}}}
     pairs = [(f"listwise_k{best}", f"listwise_k{args.paper_k}"), (f"listwise_k{best}", "retrieval"),
              (f"listwise_k{args.paper_k}", "retrieval"), (f"listwise_k{best}", "bm25")]

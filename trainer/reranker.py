@@ -142,12 +142,13 @@ class Reranker:
             progress.reset(total=sum(len(seqs[j]) for c in mine for j in c))
         out = None
         for k in range(max(len(s) for s in shares)):
-            idx = mine[k] if k < len(mine) else [int(plan[0][0])]  # a filler forward: its embedding is dropped
-            ids, mask = left_pad([seqs[j][:1] if k >= len(mine) else seqs[j] for j in idx], self.text.pad_id, 8)
+            filler = k >= len(mine)  # one token of the first sequence; its embedding is dropped
+            idx = [] if filler else mine[k]
+            ids, mask = left_pad([seqs[plan[0][0]][:1]] if filler else [seqs[j] for j in idx], self.text.pad_id, 8)
             e = self.encode(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(seqs), e.shape[1]), np.float32)
-            if k < len(mine):
+            if not filler:
                 out[idx] = e
                 self.forward_calls += len(idx)
                 if progress is not None:
