@@ -13,6 +13,11 @@ candidates (a TREC run, or BM25 over the corpus) that are not judged relevant. E
 - `fusion`: reciprocal-rank fusion (k=60) of the first-stage rank and the model's rank.
 With an order the record also holds `ranking` (grades first, then the order inside each grade), which the pipeline
 checks against the grades. Output: one JSONL file, written to a temp name and renamed when complete.
+
+`slate=first_stage` builds the slate the way inference builds its prompt (E2Rank §3.3; the official evaluation puts
+the top 20 in first-stage order): the first-stage top `slate_size` in first-stage order, relevant documents not
+forced in (a query with none there has no slate). Such slates must keep their order: build their shards with
+`shuffle_candidates=false`. The default, `shuffled`, forces the relevant documents in and stores a seeded shuffle.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class TeacherConfig:
     source: str = ""  # the records' `source` (instruction table entry); "" = the folder's name
     max_queries: int = 0  # 0 = all
     seed: int = 0  # where the relevant documents sit in the stored slate (the pipeline shuffles again)
+    slate: Literal["shuffled", "first_stage"] = "shuffled"  # see the module docstring
     num_workers: int = 1  # model actors
     batch_size: int = 32  # slates per actor call
     ray_address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else an embedded local Ray
@@ -76,11 +82,13 @@ def build_slates(cfg: TeacherConfig) -> list[dict]:
     for q in qids:
         first = [doc for doc in run.get(q, [])[: cfg.depth] if doc in corpus]
         pos = [doc for doc, g in sorted(qrels[q].items()) if g > 0 and doc in corpus]
-        rest = [doc for doc in first if doc not in pos]
-        docs = (pos + rest)[: cfg.slate_size]
+        if cfg.slate == "first_stage":
+            docs = first[: cfg.slate_size]  # as the inference prompt: the order is the first stage's, not the label's
+        else:
+            docs = (pos + [doc for doc in first if doc not in pos])[: cfg.slate_size]
+            random.Random(f"{cfg.seed}-{q}").shuffle(docs)  # stored order reveals nothing
         if not any(doc in pos for doc in docs) or len(docs) < 2:
             continue
-        random.Random(f"{cfg.seed}-{q}").shuffle(docs)  # stored order reveals nothing
         rank = {doc: r for r, doc in enumerate(first)}
         slates.append({"qid": q, "query": queries[q], "docs": docs, "texts": [corpus[x] for x in docs],
                        "grades": [qrels[q].get(x, 0) for x in docs],

@@ -8,8 +8,9 @@
 
 prepare: SciFact train loses 100 random queries to a dev split (every choice is made on it, never on test); stage-1
 records are the rest's qrels positives with 7 BM25 hard negatives; stage-2 slates come from the teacher job
-(data_pipeline/teacher.py) in two versions, `grades` (qrels only) and `fusion` (qrels, then all-MiniLM-L6-v2 + BM25
-reciprocal-rank fusion inside each grade); the Ray pipeline pre-tokenizes all three.
+(data_pipeline/teacher.py) in three versions: `grades` (qrels only) and `fusion` (qrels, then all-MiniLM-L6-v2 + BM25
+reciprocal-rank fusion inside each grade), shuffled with the relevant documents forced in; and `grades-first-stage`
+(qrels grades on the BM25 top 16 in BM25 order, as the test prompt holds them). The Ray pipeline pre-tokenizes them.
 
 run: every choice is made on the dev split (final dev NDCG@10, averaged over seeds), never on test:
 1. stage 1 from the base model for each `--stage1-grid` point (LR:temperature) and seed, dev NDCG@10 (both modes)
@@ -45,7 +46,11 @@ from common.pretrained import default_pooling
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pypi:smollm2-135m"
 TOKENIZATION = dict(query_max_len=64, doc_max_len=256, prompt_max_len=2048, prompt_doc_max_len=96)
-TEACHERS = ("grades", "fusion")
+# stage-2 slate variants: the teacher's order (data_pipeline/teacher.py `order`) and how a slate is drawn (`slate`):
+# shuffled with the relevant documents forced in, or the first-stage top 16 in first-stage order, as inference's prompt
+SLATES = {"grades": {"order": "grades"}, "fusion": {"order": "fusion"},
+          "grades-first-stage": {"order": "grades", "slate": "first_stage"}}
+TEACHERS = tuple(SLATES)
 
 
 def log(msg: str) -> None:
@@ -71,13 +76,14 @@ def prepare(args) -> None:
         log(f"stage-1 records: {bm25_contrastive(dev, 'train', inputs['contrastive'], negatives=7, source='scifact')}")
     for t in TEACHERS:
         if not inputs[t].exists():
-            run_teacher(TeacherConfig(beir=str(dev), split="train", output=str(inputs[t]), order=t, slate_size=16,
-                                      depth=30, source="scifact", num_workers=2), log=log)
+            run_teacher(TeacherConfig(beir=str(dev), split="train", output=str(inputs[t]), slate_size=16,
+                                      depth=30, source="scifact", num_workers=2, **SLATES[t]), log=log)
     tok = TokenizationConfig(tokenizer=args.model, **TOKENIZATION)
     for name, src in inputs.items():
         kind = "contrastive" if name == "contrastive" else "listwise"
+        keep_order = SLATES.get(name, {}).get("slate") == "first_stage"
         run_pipeline(PipelineConfig(kind=kind, inputs=[str(src)], output=str(out / f"shards-{name}"), samples_per_shard=200,
-                                    tokenization=tok, progress=False), log=log)
+                                    tokenization=tok, progress=False, shuffle_candidates=not keep_order), log=log)
 
 
 # -- run: train + evaluate --------------------------------------------------------------------------------------
@@ -286,7 +292,7 @@ def report(args) -> str:
         return {q: sum(p[q] for p in per) / len(per) for q in qs}, tags
 
     models = [("base", "base"), ("stage 1", "stage1"), (f"stage 2 ({choice} teacher)", f"stage2-{choice}")]
-    other = [t for t in TEACHERS if t != choice and any(k.startswith(f"stage2-{t}") for k in res)]
+    other = [t for t in TEACHERS if t != choice and any(k.startswith(f"stage2-{t}-seed") for k in res)]
     models += [(f"stage 2 ({t} teacher)", f"stage2-{t}") for t in other]
     lines = ["| model | seeds | SciFact retrieval | SciFact listwise | NovelEval retrieval | NovelEval listwise |",
              "|---|---|---|---|---|---|"]

@@ -49,6 +49,25 @@ def test_graded_slates_are_valid_records(beir, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # written under a temp name, then renamed
 
 
+def test_first_stage_slates_are_the_inference_prompt(beir, tmp_path):
+    """slate=first_stage: the run's top `slate_size` in the run's order (relevant documents not forced in, nothing
+    shuffled), as the reranking prompt holds them; a query with no relevant document there has no slate."""
+    ranked = {"q0": ["d8", "d0", "d12", "d4", "d16"], "q1": ["d9", "d13", "d17", "d1"], "q2": ["d2", "d6"]}
+    lines = [f"{q} Q0 {doc} {r + 1} {10 - r} bm25" for q, docs in ranked.items() for r, doc in enumerate(docs)]
+    (tmp_path / "run.trec").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "slates.jsonl"
+    cfg = TeacherConfig(beir=str(beir), output=str(out), slate_size=3, run=str(tmp_path / "run.trec"), slate="first_stage")
+    assert run(cfg, log=lambda *_: None)["slates"] == 2  # q1's relevant d1 is 4th: outside a slate of 3
+    recs = {r["qid"]: r for r in map(json.loads, out.read_text().splitlines())}
+    text = {f"d{i}": t for i, t in enumerate(["cells divide by mitosis", "proteins fold into shapes",
+                                                  "rivers carry sediment", "stars fuse hydrogen"] * 6)}
+    assert recs["q0"]["document"] == [f"{text[d]} in study {d[1:]}" for d in ["d8", "d0", "d12"]]
+    assert recs["q0"]["relevance"] == [0, 2, 0] and recs["q2"]["relevance"] == [2, 1]
+    shuffled = tmp_path / "shuffled.jsonl"
+    run(TeacherConfig(**{**cfg.__dict__, "output": str(shuffled), "slate": "shuffled"}), log=lambda *_: None)
+    assert len(shuffled.read_text().splitlines()) == 4  # the default forces the relevant documents in (q1, q3 too)
+
+
 def test_fusion_teacher_runs_as_a_ray_data_job(ray_local, beir, tmp_path):
     out = tmp_path / "fusion.jsonl"
     run(TeacherConfig(beir=str(beir), output=str(out), slate_size=6, depth=10, order="fusion", batch_size=2),
