@@ -44,6 +44,16 @@ def test_export_loads_with_plain_automodel_and_matches_the_engine(full_run):
         assert not torch.allclose(embed(base, probe["input_ids"], probe["attention_mask"], "last"), emb, atol=1e-3)
 
 
+def test_each_step_logs_the_lr_it_used(full_run):
+    """optim.warmup_steps=2, run.max_steps=6, lr 1e-3: the first step already learns, step 2 is at the peak, the
+    last step at peak / (max_steps - warmup). (DeepSpeed's WarmupDecayLR ran steps 1 and 2 at LR 0.)"""
+    from trainer.schedule import WarmupLinearDecay
+
+    got = [losses(full_run[0])[k]["lr"] for k in range(1, 7)]
+    assert got == pytest.approx([5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4], rel=1e-6)
+    assert got == pytest.approx(WarmupLinearDecay(2, 6).lrs(1e-3), rel=1e-6)
+
+
 def test_mlflow_run_has_params_metrics_artifacts(full_run, setup):
     from mlflow.tracking import MlflowClient
 

@@ -31,6 +31,7 @@ from .loader import ShardLoader, make_loader
 from .memory import GB, Estimate, advice, available_bytes, cap_allocator_growth, estimate
 from .model import Encoder, load_backbone, resolve_precision
 from .objective import compute
+from .schedule import make_scheduler, retarget
 from .tracking import Tracker
 
 log = logging.getLogger("e2rank")
@@ -115,10 +116,7 @@ def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False, uni
         "bf16": {"enabled": bf16},
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
                                                   "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            # no warm-up asked: start at the full LR (DeepSpeed needs >= 1 warm-up step)
-            "warmup_min_lr": 0.0 if cfg.optim.warmup_steps else cfg.optim.lr, "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": max(cfg.optim.warmup_steps, 1),
-            "total_num_steps": cfg.run.max_steps, "warmup_type": "linear"}},
+        # no "scheduler": trainer/schedule.py owns it (passed to deepspeed.initialize)
         "steps_per_print": 10**9,
         # resuming a checkpoint written by another number of ranks (checkpoint.to_universal)
         **({"checkpoint": {"load_universal": True}} if universal else {}),
@@ -193,6 +191,7 @@ class Trainer:
         model = Encoder(backbone, cfg.model.pooling)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            lr_scheduler=make_scheduler(cfg.optim.warmup_steps, cfg.run.max_steps),
             config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda, self.reshard))
         self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens, min_efficiency=cfg.encode.min_chunk_efficiency) \
             if cfg.encode.grad_cache else None
@@ -357,12 +356,13 @@ class Trainer:
         if not done:
             return None
         self.engine.set_gradient_accumulation_boundary(True)
+        lr = self.engine.get_lr()[0]  # this step's LR: after engine.step() the optimizer holds the next one's
         self.engine.step()
         clock.lap("optimizer")
         if not stepped:  # the last micro-batch was skipped: its backward never told DeepSpeed "boundary"
             log.warning("[train] step %d: optimizer step on %d of %d micro-batches", self.step + 1, done, accum)
         return {"sums": {k: v / done for k, v in sums.items()}, "stats": stats, "samples": samples,
-                "phases": clock.seconds}
+                "phases": clock.seconds, "lr": lr}
 
     def _profiled(self, batches):
         """One step under torch.profiler (run.profile_step): the top operators by self CPU and by device time go to
@@ -400,7 +400,7 @@ class Trainer:
         # second forward is recomputation and is not counted (as activation checkpointing is not)
         m = {
             "loss": s["loss"], "infonce": s["infonce"], "accuracy": s["accuracy"],
-            "masked_negatives": s["masked_negatives"], "lr": self.engine.get_lr()[0],
+            "masked_negatives": s["masked_negatives"], "lr": out["lr"],
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "step_time_s": dt,
             "samples_per_s": out["samples"] * self.world / dt, "tokens_per_s": real / dt,
             "mfu": 6 * self.n_flop_params * real / self.world / dt / self.peak,
@@ -461,11 +461,7 @@ class Trainer:
             return
         log.info("[train] max_steps %d -> %d (%s); the LR schedule now ends at step %d", self.max_steps, n, why, n)
         self.max_steps = n
-        sched = self.engine.lr_scheduler
-        if sched is not None and hasattr(sched, "total_num_steps"):
-            sched.total_num_steps = n
-            if getattr(sched, "warmup_num_steps", 0) > max(n // 4, 1) and self.step < sched.warmup_num_steps:
-                sched.warmup_num_steps = max(n // 4, 1)  # a warm-up longer than a quarter of the run would eat it
+        retarget(self.engine.lr_scheduler, n)
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
