@@ -162,7 +162,15 @@ def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict[str,
     `universal` (another world size), the engine was built with checkpoint.load_universal and reads
     `<tag>.universal`; a rank the old run did not have keeps its seeded RNG."""
     rank, _ = D.world()
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag + UNIVERSAL if universal else tag)
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag + UNIVERSAL if universal else tag)
+    except KeyError as e:
+        if e.args != ("lr_lambdas",):
+            raise
+        # checkpoints written before trainer/schedule.py hold WarmupDecayLR's state, which LambdaLR cannot take
+        raise CheckpointError(f"{ckpt_dir / tag} was written with the old LR schedule (DeepSpeed WarmupDecayLR, before "
+                              "2026-11-29) and cannot resume under trainer/schedule.py; train from its export "
+                              "(model.path) or start in an empty run.output_dir") from e
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     rng = ckpt_dir / tag / f"rng_rank{rank}.pt"

@@ -205,6 +205,7 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             self.step, run_id = state["step"], state.get("mlflow_run_id")
             self._set_max_steps(min(self.max_steps, state.get("max_steps", self.max_steps)), "resumed")
+            retarget(self.engine.lr_scheduler, self.max_steps)  # the checkpoint's schedule ends where this run does
         self.tracker = Tracker(self.out, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
                                run_id, self.rank == 0)
         self.peak = cfg.run.peak_flops or measure_peak_flops(self.prec.dtype, self.device)
