@@ -55,6 +55,28 @@ def test_resume_with_another_zero_stage_is_refused(setup):
     assert (out / "checkpoints" / "latest").read_text() == "step00000001" and not (out / "export").exists()
 
 
+def test_checkpoint_from_the_old_lr_schedule_is_refused_clearly(setup):
+    """A checkpoint written before trainer/schedule.py holds DeepSpeed WarmupDecayLR's state: resuming it names the
+    checkpoint and the way out, instead of LambdaLR's bare KeyError('lr_lambdas')."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    require_netns()
+    out = setup["dir"] / "old_schedule"
+    r1 = torchrun(train_cmd(setup["c"], setup["model"], out, "run.stop_after_steps=1", "deepspeed.zero_stage=2"))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    states = out / "checkpoints" / "step00000001" / "mp_rank_00_model_states.pt"
+    ckpt = torch.load(states, weights_only=False)
+    assert set(ckpt["lr_scheduler"]) >= {"lr_lambdas", "last_epoch"}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    ckpt["lr_scheduler"] = WarmupDecayLR(opt, total_num_steps=6, warmup_num_steps=2).state_dict()  # as written then
+    torch.save(ckpt, states)
+    r2 = torchrun(train_cmd(setup["c"], setup["model"], out, "deepspeed.zero_stage=2"))
+    assert r2.returncode != 0
+    assert "was written with the old LR schedule (DeepSpeed WarmupDecayLR" in r2.stdout + r2.stderr
+    assert not (out / "export").exists()
+
+
 def test_exact_resume_after_a_kill(setup, full_run):
     """SIGKILL the whole job mid-run; the restart resumes from the last complete checkpoint and matches."""
     require_netns()
