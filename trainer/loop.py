@@ -205,7 +205,6 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             self.step, run_id = state["step"], state.get("mlflow_run_id")
             self._set_max_steps(min(self.max_steps, state.get("max_steps", self.max_steps)), "resumed")
-            retarget(self.engine.lr_scheduler, self.max_steps)  # the checkpoint's schedule ends where this run does
         self.tracker = Tracker(self.out, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
                                run_id, self.rank == 0)
         self.peak = cfg.run.peak_flops or measure_peak_flops(self.prec.dtype, self.device)
@@ -458,11 +457,10 @@ class Trainer:
             self._set_max_steps(fit, f"run.time_budget_s={budget:.0f}: {step_t:.2f}s/step, {eval_t:.1f}s/evaluation")
 
     def _set_max_steps(self, n: int, why: str) -> None:
-        if n == self.max_steps:
-            return
-        log.info("[train] max_steps %d -> %d (%s); the LR schedule now ends at step %d", self.max_steps, n, why, n)
-        self.max_steps = n
-        retarget(self.engine.lr_scheduler, n)
+        if n != self.max_steps:
+            log.info("[train] max_steps %d -> %d (%s); the LR schedule now ends at step %d", self.max_steps, n, why, n)
+            self.max_steps = n
+        retarget(self.engine.lr_scheduler, n)  # also when unchanged: a resumed schedule ends where this run does
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
