@@ -15,7 +15,7 @@ def _runs(tmp_path):
         for i, (q, rel) in enumerate(QRELS.items()):
             docs = ["x1", "x2"]
             docs.insert(rank(i), next(iter(rel)))
-            run[q] = {d: float(3 - i) for i, d in enumerate(docs)}
+            run[q] = {d: float(3 - j) for j, d in enumerate(docs)}
         write_trec_run(run_file(tmp_path, "toy", "m", mode), run, "m")
 
 
