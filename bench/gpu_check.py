@@ -139,31 +139,39 @@ def peak_mem_gb(device) -> float:
 
 
 def run_ours(args, batches, device) -> dict:
+    """The trainer's components as `python -m trainer` assembles them: load_backbone (packed attention on CUDA),
+    ZeRO sized to the model (trainer/zero.py), fused AdamW, chunked (packed) encoding, GradCache when asked."""
     import deepspeed
     import torch
-    from transformers import AutoModel
 
     from trainer import distributed as D
     from trainer.chunking import ChunkStats
-    from trainer.config import TrainConfig
+    from trainer.config import ModelConfig, TrainConfig
+    from trainer.flops import attention_shape, step_flops
     from trainer.grad_cache import CachedStep
-    from trainer.loop import ds_config
-    from trainer.model import Encoder, attention_candidates
+    from trainer.memory import available_bytes
+    from trainer.model import Encoder, load_backbone
     from trainer.objective import compute
+    from trainer.zero import ds_config, make_optimizer, plan
 
     D.init(300)
     cfg = TrainConfig(stage=args.stage)
     cfg.loader.batch_size = args.batch
-    cfg.model.gradient_checkpointing = True
-    cfg.deepspeed.stage3_param_persistence_threshold = 100000
+    # GradCache holds one chunk's graph: no checkpointing on top (its recompute would be a third forward)
+    cfg.model = ModelConfig(gradient_checkpointing=args.mode != "gradcache", packing=args.packing)
     cfg.optim.lr = 1e-5
     cfg.encode.chunk_tokens = args.chunk_tokens
-    attn = attention_candidates(cfg.model, device.type == "cuda")[0]
-    backbone = AutoModel.from_pretrained(args.model, attn_implementation=attn, dtype=torch.bfloat16)
-    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_flop = sum(p.numel() for p in backbone.parameters()) - backbone.get_input_embeddings().weight.numel()
-    engine, *_ = deepspeed.initialize(model=Encoder(backbone, "last"), model_parameters=backbone.parameters(),
-                                      config=ds_config(cfg, True, backbone.config.hidden_size, device.type == "cuda"))
+    backbone, attn = load_backbone(args.model, cfg.model, torch.bfloat16, device.type == "cuda")
+    n_all = sum(p.numel() for p in backbone.parameters())
+    n_flop = n_all - backbone.get_input_embeddings().weight.numel()
+    zp = plan(cfg, n_params=n_all, largest=max(p.numel() for p in backbone.parameters()), bytes_per=2,
+              rank_bytes=available_bytes(device), cuda=device.type == "cuda")
+    print(f"[zero] {zp}", flush=True)
+    enc = Encoder(backbone, "last")
+    params = list(enc.parameters())
+    engine, *_ = deepspeed.initialize(model=enc, model_parameters=params, optimizer=make_optimizer(cfg, params),
+                                      config=ds_config(cfg, True, backbone.config.hidden_size, device.type == "cuda",
+                                                       zero=zp))
     cache = CachedStep(engine, args.chunk_tokens) if args.mode == "gradcache" else None
     engine.train()
     times, stats_all = [], []
@@ -187,8 +195,10 @@ def run_ours(args, batches, device) -> dict:
             stats_all.append(stats)
     real = sum(s.real for s in stats_all)
     padded = sum(s.padded for s in stats_all)
-    return {"attention": attn, "n_flop_params": n_flop, "seconds": sum(times), "real_tokens": real,
-            "computed_tokens": padded, "ds_skipped_steps": int(getattr(engine, "skipped_steps", -1)), "padding_efficiency": real / max(padded, 1),
+    flops = step_flops(n_flop, real, sum(s.sum_sq for s in stats_all), *attention_shape(backbone.config), causal=True)
+    return {"attention": attn, "n_flop_params": n_flop, "seconds": sum(times), "real_tokens": real, "flops": flops,
+            "zero": zp.reason, "computed_tokens": padded, "forwards_per_step": stats_all[-1].forwards if stats_all else 0,
+            "ds_skipped_steps": int(getattr(engine, "skipped_steps", -1)), "padding_efficiency": real / max(padded, 1),
             "loader_padding_efficiency": sum(b["real_tokens"] for b in batches[args.warmup:])
             / sum(b["padded_tokens"] for b in batches[args.warmup:])}
 
@@ -199,6 +209,7 @@ def run_st(args, batches, device) -> dict:
     from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 
     from trainer.config import ModelConfig
+    from trainer.flops import attention_shape, step_flops
     from trainer.model import attention_candidates
 
     attn = attention_candidates(ModelConfig(), device.type == "cuda")[0]
@@ -214,9 +225,9 @@ def run_st(args, batches, device) -> dict:
                                                      mini_batch_size=max(args.chunk_tokens // 512, 1))
     else:
         loss_fn = MultipleNegativesRankingLoss(model, scale=1 / 0.03)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # its trainer's default with torch >= 2.8
     model.train()
-    times, real = [], 0
+    times, real, sq = [], 0, 0
     for i, b in enumerate(batches):
         raw = b["raw"]
         cols = [[f"Instruct: {raw['instruction']}\nQuery:{q}" for q in raw["queries"]]]
@@ -236,7 +247,9 @@ def run_st(args, batches, device) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
             real += sum(int(f["attention_mask"].sum()) for f in feats)
-    return {"attention": attn, "n_flop_params": n_flop, "seconds": sum(times), "real_tokens": real}
+            sq += sum(int((f["attention_mask"].sum(1) ** 2).sum()) for f in feats)
+    flops = step_flops(n_flop, real, sq, *attention_shape(model[0].auto_model.config), causal=True)
+    return {"attention": attn, "n_flop_params": n_flop, "seconds": sum(times), "real_tokens": real, "flops": flops}
 
 
 def child(args) -> int:
@@ -252,8 +265,8 @@ def child(args) -> int:
     res.update(stage=args.stage, mode=args.mode, batch=args.batch, steps=args.steps, device=str(device),
                gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", peak_flops=peak,
                tokens_per_s=res["real_tokens"] / res["seconds"], s_per_step=res["seconds"] / args.steps,
-               mfu=6 * res["n_flop_params"] * res["real_tokens"] / res["seconds"] / peak,
-               mfu_vs_datasheet=6 * res["n_flop_params"] * res["real_tokens"] / res["seconds"] / H100_BF16_DENSE,
+               mfu=res["flops"] / res["seconds"] / peak,
+               mfu_vs_datasheet=res["flops"] / res["seconds"] / H100_BF16_DENSE,
                peak_mem_gb=peak_mem_gb(device), wall_s=time.perf_counter() - t0)
     with open(args.result, "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -276,6 +289,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--chunk-tokens", type=int, default=16384)
+    ap.add_argument("--packing", default="auto", choices=["auto", "on", "off"], help="model.packing for ours")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per configuration")
     # internal: one configuration in a child process
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -303,7 +317,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--child", "--out", str(out), "--data", args.data, "--tokenizer",
                args.tokenizer, "--stage", str(stage), "--mode", mode, "--batch", str(batch), "--model", str(model),
                "--result", str(result), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--chunk-tokens", str(args.chunk_tokens)] + (["--tiny"] if args.tiny else [])
+               "--chunk-tokens", str(args.chunk_tokens), "--packing", args.packing] + (["--tiny"] if args.tiny else [])
         t = time.perf_counter()
         log = out / f"stage{stage}-{mode}.log"
         with open(log, "w") as f:
@@ -330,7 +344,24 @@ def main() -> int:
         print(f"[gpu_check] stage 1 GradCache ours / sentence-transformers CachedMNRL tokens/s = "
               f"{by[1, 'gradcache']['tokens_per_s'] / by[1, 'st-cmnrl']['tokens_per_s']:.2f}x", flush=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "gpu-check.json").write_text(json.dumps(results_record(by), indent=1))  # bench/results/ format
     return 0 if len(rows) == len(CONFIGS) else 1
+
+
+def results_record(by: dict) -> dict:
+    """The figures a later reader checks without re-running (copied to bench/results/gpu-check.json)."""
+    first = next(iter(by.values()), {})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    def ratio(a, b):
+        return by[a]["tokens_per_s"] / by[b]["tokens_per_s"] if a in by and b in by else None
+
+    return {"device": first.get("gpu", ""), "date": time.strftime("%Y-%m-%d"), "commit": commit,
+            "mfu": {"stage1": by.get((1, "ours"), {}).get("mfu"), "grad_cache": by.get((1, "gradcache"), {}).get("mfu"),
+                    "stage2": by.get((2, "ours"), {}).get("mfu")},
+            "ratios": {"stage1_vs_mnrl": ratio((1, "ours"), (1, "st-mnrl")),
+                       "gradcache_vs_cachedmnrl": ratio((1, "gradcache"), (1, "st-cmnrl"))},
+            "rows": list(by.values())}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import record  # noqa: E402
 
 MEASURE = r"""
 import json, os, sys, time, torch
@@ -37,13 +38,36 @@ r.embed(docs[:8])
 t = time.perf_counter()
 e = r.embed(docs)
 dt = time.perf_counter() - t
-print("RESULT " + json.dumps({"docs_per_s": len(docs) / dt, "seconds": dt}))
+tokens = sum(len(x) for x in r.text.encode_documents(docs))
+print("RESULT " + json.dumps({"docs_per_s": len(docs) / dt, "seconds": dt, "tokens": tokens}))
+"""
+
+# sentence-transformers encode() on the same documents, model, pooling (last token), normalisation, dtype and threads
+MEASURE_ST = r"""
+import json, os, sys, time, torch
+torch.set_num_threads(os.cpu_count())
+from sentence_transformers import SentenceTransformer, models
+from common.pretrained import resolve
+from data_pipeline.beir import load_corpus
+corpus = load_corpus(sys.argv[1])
+docs = [corpus[d] for d in sorted(corpus)[: int(sys.argv[2])]]
+dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[4]]
+tr = models.Transformer(str(resolve(sys.argv[3], weights=True)), max_seq_length=512,
+                        model_kwargs={"attn_implementation": "sdpa", "dtype": dt})
+dim = tr.get_embedding_dimension() if hasattr(tr, "get_embedding_dimension") else tr.get_word_embedding_dimension()
+m = SentenceTransformer(modules=[tr, models.Pooling(dim, "lasttoken"), models.Normalize()], device="cpu")
+m.encode(docs[:8])
+t = time.perf_counter()
+e = m.encode(docs, batch_size=32)
+sec = time.perf_counter() - t
+tok = m.tokenizer(docs, truncation=True, max_length=512)["input_ids"]
+print("RESULT " + json.dumps({"docs_per_s": len(docs) / sec, "seconds": sec, "tokens": sum(len(x) for x in tok)}))
 """
 
 
-def measure(cwd: Path, corpus: Path, n: int, model: str, dtype: str) -> dict:
+def measure(cwd: Path, corpus: Path, n: int, model: str, dtype: str, script: str = MEASURE) -> dict:
     env = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": str(os.cpu_count())}
-    r = subprocess.run([sys.executable, "-c", MEASURE, str(corpus), str(n), model, dtype], cwd=cwd, env=env,
+    r = subprocess.run([sys.executable, "-c", script, str(corpus), str(n), model, dtype], cwd=cwd, env=env,
                        capture_output=True, text=True)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -59,9 +83,25 @@ def main() -> int:
     ap.add_argument("--baseline-rev", default="0966aa4")
     ap.add_argument("--ndcg-queries", type=int, default=30)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], help="this tree's precisions to measure")
+    ap.add_argument("--vs-st", action="store_true", help="also sentence-transformers encode() per dtype, same run; "
+                    "the fp32 ratio goes to bench/results/peer-cpu.json as inference_vs_st_encode")
     args = ap.parse_args()
     data = Path(args.data) / "scifact"
     rows = {}
+    if args.vs_st:
+        ratios, run = {}, {}
+        for dt in args.dtypes:
+            ours = measure(ROOT, data / "corpus.jsonl", args.docs, args.model, dt)
+            st = measure(ROOT, data / "corpus.jsonl", args.docs, args.model, dt, MEASURE_ST)
+            # tokens/s: ours counts its text contract's tokens (EOS included), ST its tokenizer's
+            r = (ours["tokens"] / ours["seconds"]) / (st["tokens"] / st["seconds"])
+            run[dt] = {"ours": ours, "st": st, "tokens_per_s_ratio": r}
+            print(f"{dt}: ours {ours['docs_per_s']:.2f} docs/s ({ours['tokens'] / ours['seconds']:.0f} tok/s), "
+                  f"sentence-transformers encode() {st['docs_per_s']:.2f} docs/s ({st['tokens'] / st['seconds']:.0f} "
+                  f"tok/s): {r:.2f}x tokens/s", flush=True)
+            ratios["inference_vs_st_encode" + ("" if dt == "fp32" else f"_{dt}")] = r
+        record.merge(record.RESULTS / "peer-cpu.json", ratios, "inference", {"docs": args.docs, **run})
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         wt = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", str(wt), args.baseline_rev], cwd=ROOT, check=True,

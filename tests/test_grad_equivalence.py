@@ -47,10 +47,14 @@ def global_batch(stage: int, b: int = 4, g: int = 3, seed: int = 0) -> dict:
 
 
 @pytest.mark.parametrize("stage, zero, mode", [(1, 3, "padded"), (2, 3, "padded"), (1, 2, "padded"),
-                                               (1, 3, "chunked"), (2, 3, "chunked"), (1, 3, "cached"), (2, 3, "cached")])
+                                               (1, 3, "chunked"), (2, 3, "chunked"), (1, 3, "cached"), (2, 3, "cached"),
+                                               (1, 3, "packed"), (2, 3, "packed"), (2, 3, "packed-cached"),
+                                               (1, 3, "persist")])
 def test_sharded_gradients_equal_single_process(tmp_path, stage, zero, mode):
     """padded: one forward per field; chunked: length-grouped chunks (chunk counts agreed across ranks);
-    cached: GradCache (graph-free embeddings, loss, then chunk-by-chunk re-encoding with cached gradients)."""
+    cached: GradCache (graph-free embeddings, loss, then chunk-by-chunk re-encoding with cached gradients);
+    packed: each chunk one unpadded row with block-diagonal causal attention; persist: ZeRO-3 with every tensor
+    whole on every rank (no gathers). The reference is always one process on the padded batch."""
     require_netns()
     model = make_tiny_model(tmp_path / "tiny")
     batch = global_batch(stage)

@@ -92,6 +92,9 @@ def test_stage2_trains_with_ranknet(setup):
         phases = [m[s][f"time_{p}_s"] for p in ("data", "forward", "backward", "optimizer")]
         assert all(t > 0 for t in phases) and sum(phases) <= m[s]["step_time_s"] + 1e-3
     assert "aten::mm" in (out / "profile.txt").read_text()  # step 3 ran under torch.profiler
+    prof = json.loads((out / "profile_phases.json").read_text())  # its time by phase (trainer/profiling.py)
+    assert all(prof["phases_s"].get(p, 0) > 0 for p in ("forward", "backward", "optimizer", "loss"))
+    assert sum(prof["phases_s"].values()) <= prof["step_wall_s"] * 1.1  # self times: nothing counted twice
     assert "negatives_per_query=47" in r.stdout  # 2 queries x 2 ranks x 12 candidates - 1
     assert (out / "export" / "config.json").is_file()
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from .profiling import phase
 
 Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,13 +37,14 @@ def assign_chunks(costs, world: int) -> list[list[int]]:
 
 
 def plan_chunks(lengths, budget: int, multiple: int = 8, n_chunks: int | None = None,
-                min_efficiency: float = 0.95) -> list[np.ndarray]:
+                min_efficiency: float = 0.95, packed: bool = False) -> list[np.ndarray]:
     """Indices of each chunk, longest sequences first. Greedy: a chunk grows while (count x its padded max length)
     stays within `budget` tokens and its real/padded tokens stay >= `min_efficiency` (a sequence longer than the
     budget gets a chunk of its own). On a CPU an extra forward costs little next to computing on padding; on a GPU
     raise the budget and lower the efficiency floor if forwards dominate. With `n_chunks` (>= the greedy count,
     <= len(lengths)), the chunk holding the most padded tokens is halved until there are exactly n_chunks.
-    budget <= 0: a single chunk."""
+    budget <= 0: a single chunk. packed: a chunk becomes one unpadded row (trainer/packing.py), so it costs its real
+    tokens and has no padding to bound."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) == 0:
         return []
@@ -55,7 +57,11 @@ def plan_chunks(lengths, budget: int, multiple: int = 8, n_chunks: int | None = 
         real = 0
         for i in order:
             n = int(lengths[i])
-            if cur:
+            if cur and packed:
+                if real + n > budget:
+                    chunks.append(cur)
+                    cur, real = [], 0
+            elif cur:
                 width = _padded(int(lengths[cur[0]]), multiple)
                 if (len(cur) + 1) * width > budget or (real + n) < min_efficiency * (len(cur) + 1) * width:
                     chunks.append(cur)
@@ -67,7 +73,8 @@ def plan_chunks(lengths, budget: int, multiple: int = 8, n_chunks: int | None = 
         if not len(chunks) <= n_chunks <= len(lengths):
             raise ValueError(f"cannot cut {len(lengths)} sequences into {n_chunks} chunks (greedy: {len(chunks)})")
         while len(chunks) < n_chunks:
-            cost = [len(c) * _padded(int(lengths[c[0]]), multiple) if len(c) > 1 else -1 for c in chunks]
+            cost = [(int(lengths[c].sum()) if packed else len(c) * _padded(int(lengths[c[0]]), multiple))
+                    if len(c) > 1 else -1 for c in chunks]
             j = int(np.argmax(cost))
             c = chunks.pop(j)
             h = len(c) // 2
@@ -94,10 +101,14 @@ class ChunkStats:
     real: int = 0
     padded: int = 0
     forwards: int = 0
+    sum_sq: int = 0  # sum of squared real lengths (attention FLOPs)
     per_field: dict[str, list[int]] = field(default_factory=dict)
 
-    def add(self, name: str, mask: torch.Tensor) -> None:
-        r, p = int(mask.sum()), mask.numel()
+    def add(self, name: str, mask: torch.Tensor, packed: bool = False) -> None:
+        lengths = mask.sum(1)
+        r = int(lengths.sum())
+        p = r if packed else mask.numel()
+        self.sum_sq += int((lengths.long() ** 2).sum())
         self.real += r
         self.padded += p
         self.forwards += 1
@@ -116,13 +127,19 @@ def pad_multiple(t: torch.Tensor) -> int:
 
 
 def plan_synced(mask: torch.Tensor, budget: int, multiple: int = 8, sync: bool = True,
-                min_efficiency: float = 0.95) -> list[np.ndarray]:
+                min_efficiency: float = 0.95, packed: bool = False) -> list[np.ndarray]:
     """plan_chunks with the chunk count agreed across ranks (same number of forwards everywhere)."""
-    lengths = mask.sum(1).cpu().numpy()
-    n = len(plan_chunks(lengths, budget, multiple, min_efficiency=min_efficiency))
-    if sync:
-        n = D.max_across(n)
-    return plan_chunks(lengths, budget, multiple, n_chunks=n, min_efficiency=min_efficiency)
+    with phase("chunk_plan"):
+        lengths = mask.sum(1).cpu().numpy()
+        n = len(plan_chunks(lengths, budget, multiple, min_efficiency=min_efficiency, packed=packed))
+        if sync:
+            n = D.max_across(n)
+        return plan_chunks(lengths, budget, multiple, n_chunks=n, min_efficiency=min_efficiency, packed=packed)
+
+
+def packs(encode) -> bool:
+    """Whether an encoder (an Encoder, or a DeepSpeed engine around one) runs packed forwards."""
+    return bool(getattr(getattr(encode, "module", encode), "packed", False))
 
 
 def encode_chunked(encode: Encode, ids: torch.Tensor, mask: torch.Tensor, budget: int, *, name: str = "",
@@ -130,14 +147,15 @@ def encode_chunked(encode: Encode, ids: torch.Tensor, mask: torch.Tensor, budget
                    min_efficiency: float = 0.95) -> torch.Tensor:
     """Embeddings [N, D] of a padded batch, in its order, computed chunk by chunk (with the autograd graph if on)."""
     multiple = multiple or pad_multiple(ids)
-    chunks = plan_synced(mask, budget, multiple, sync, min_efficiency)
+    packed = packs(encode)
+    chunks = plan_synced(mask, budget, multiple, sync, min_efficiency, packed)
     parts, order = [], []
     for idx in chunks:
         cids, cmask = chunk_view(ids, mask, idx, multiple)
         parts.append(encode(cids, cmask))
         order.append(torch.as_tensor(idx, device=parts[-1].device))
         if stats is not None:
-            stats.add(name, cmask)
+            stats.add(name, cmask, packed)
     emb = torch.cat(parts)
     inv = torch.empty_like(torch.cat(order))
     inv[torch.cat(order)] = torch.arange(len(inv), device=inv.device)

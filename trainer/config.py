@@ -15,6 +15,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32
     gradient_checkpointing: bool = False
+    # causal decoders: each chunk's sequences concatenated into one unpadded row (trainer/packing.py); auto = on GPUs
+    packing: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -48,13 +50,20 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    # torch's fused AdamW (one kernel over each flat ZeRO partition; CPU and CUDA); false = DeepSpeed's torch AdamW
+    fused: bool = True
 
 
 @dataclass
 class DeepSpeedSettings:
     zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False
-    stage3_param_persistence_threshold: int = 0  # 0: partition even tiny parameters (tests exercise ZeRO-3)
+    # ZeRO-3 parameters below this many elements stay whole on every rank (no gather per forward). -1 = auto, sized to
+    # the model (trainer/zero.py): every tensor persists when the weights fit a rank's memory comfortably, else
+    # DeepSpeed's 1e5; 0 partitions even tiny tensors (the tests exercise that)
+    stage3_param_persistence_threshold: int = -1
+    # gradient reduction bucket (elements); 0 = auto (trainer/zero.py): DeepSpeed's 5e8 on GPUs, 2.5e7 on CPUs
+    reduce_bucket_size: int = 0
     timeout_s: int = 300  # collective timeout: a hang fails instead of waiting 30 minutes
 
 
@@ -78,6 +87,9 @@ class RunConfig:
     # evaluation times the run lowers max_steps, and the LR schedule's end with it, so it ends in time with a full
     # decay rather than cut mid-schedule (a fixed GPU loan, a Slurm slot). It never raises max_steps.
     time_budget_s: float = 0.0
+    # CPU: how freed activations are kept (trainer/memory.py set_cpu_allocator): reuse (fast: no page faults per
+    # step), release (lowest RSS, each step faults its activations in again: a forward took 2x), default (glibc's)
+    cpu_allocator: Literal["reuse", "release", "default"] = "reuse"
 
 
 @dataclass

@@ -47,11 +47,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .memory import cap_allocator_growth
+    from .memory import set_cpu_allocator
 
     torch.set_num_threads(os.cpu_count() or 1)  # one process: every core (OMP_NUM_THREADS=1 is for training ranks)
     if not torch.cuda.is_available():
-        cap_allocator_growth()
+        set_cpu_allocator("reuse")  # freed activations reused across chunks, not faulted in again
     try:
         es = load_eval_set(args.data, qrels=args.qrels, split=args.split, run=args.run, max_queries=args.max_queries)
         table = InstructionTable.load()

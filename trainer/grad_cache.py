@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from .chunking import ChunkStats, chunk_view, pad_multiple, plan_synced
+from .chunking import ChunkStats, chunk_view, packs, pad_multiple, plan_synced
 from .config import LossConfig
 from .objective import Encode, fields, loss_terms
+from .profiling import phase
 
 Backward = Callable[[torch.Tensor, bool], None]
 
@@ -52,20 +53,23 @@ class CachedStep:
                 ids, mask = batch[f"{f}_input_ids"], batch[f"{f}_attention_mask"]
                 multiple = self.multiple or pad_multiple(ids)
                 parts, order = [], []
-                for idx in plan_synced(mask, self.chunk_tokens, multiple, min_efficiency=self.min_efficiency):
+                packed = packs(self.encode)
+                for idx in plan_synced(mask, self.chunk_tokens, multiple, min_efficiency=self.min_efficiency,
+                                       packed=packed):
                     cids, cmask = chunk_view(ids, mask, idx, multiple)
                     rng = _rng_state()
                     parts.append(self.encode(cids, cmask))
                     order.append(idx)
                     work.append((f, idx, cids, cmask, rng))
                     if stats is not None:
-                        stats.add(f, cmask)
+                        stats.add(f, cmask, packed)
                 cat = torch.cat(parts)
                 out = torch.empty_like(cat)
                 out[torch.as_tensor([i for o in order for i in o], device=cat.device)] = cat
                 emb[f] = out.requires_grad_()
         after = _rng_state()
-        terms = loss_terms(emb, batch, stage, cfg)
+        with phase("loss"):
+            terms = loss_terms(emb, batch, stage, cfg)
         self._pending = {"emb": emb, "work": work, "after": after, "loss": terms["loss"]}
         return terms
 
@@ -74,7 +78,8 @@ class CachedStep:
         if p is None:
             raise RuntimeError("CachedStep.backward without a forward")
         leaves = list(p["emb"].values())
-        grads = dict(zip(p["emb"], torch.autograd.grad(p["loss"], leaves)))
+        with phase("loss"):
+            grads = dict(zip(p["emb"], torch.autograd.grad(p["loss"], leaves)))
         for n, (f, idx, cids, cmask, rng) in enumerate(p["work"]):
             _set_rng_state(rng)
             e = self.encode(cids, cmask)

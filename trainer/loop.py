@@ -26,13 +26,17 @@ from . import checkpoint as C
 from . import distributed as D
 from .chunking import ChunkStats
 from .config import TrainConfig
+from .flops import attention_shape, step_flops
 from .grad_cache import CachedStep
 from .loader import ShardLoader, make_loader
-from .memory import GB, Estimate, advice, available_bytes, cap_allocator_growth, estimate
+from .memory import GB, Estimate, advice, available_bytes, estimate, set_cpu_allocator
 from .model import Encoder, load_backbone, resolve_precision
 from .objective import compute
+from .profiling import phase, phase_seconds, top_operators
 from .schedule import make_scheduler, retarget
 from .tracking import Tracker
+from .zero import client_optimizer, ds_config, make_optimizer
+from .zero import plan as zero_plan
 
 log = logging.getLogger("e2rank")
 
@@ -95,48 +99,24 @@ def preflight(cfg: TrainConfig, world_size: int) -> Plan:
     return Plan(model_path, manifest, fp)
 
 
-def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False, universal: bool = False) -> dict[str, Any]:
-    z: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage >= 2 and not cuda:
-        # On CPU, buckets sized to the model (as HF's "auto"): DeepSpeed's 5e8-element defaults allocate GBs per
-        # rank, which a 22M-parameter model on a 2-core CPU box pays for in RSS (and was OOM-killed for). On GPUs
-        # DeepSpeed's defaults stay: hidden^2 buckets cut a 135M model's gradients into ~400 reductions per backward.
-        z["reduce_bucket_size"] = hidden * hidden
-    if cfg.deepspeed.zero_stage == 3:
-        z["stage3_param_persistence_threshold"] = cfg.deepspeed.stage3_param_persistence_threshold
-        if not cuda:
-            z["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
-    if cfg.deepspeed.offload_optimizer:
-        z["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": cfg.loader.batch_size,
-        "gradient_accumulation_steps": cfg.loader.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": z,
-        "bf16": {"enabled": bf16},
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
-                                                  "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
-        # no "scheduler": trainer/schedule.py owns it (passed to deepspeed.initialize)
-        "steps_per_print": 10**9,
-        # resuming a checkpoint written by another number of ranks (checkpoint.to_universal)
-        **({"checkpoint": {"load_universal": True}} if universal else {}),
-    }
-
-
 def measure_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
-    """Matmul FLOP/s of this device in the training dtype: the denominator of MFU."""
+    """Matmul FLOP/s of this rank in the training dtype with the threads it trains with: the denominator of MFU.
+    The best of 3 timings into a preallocated output (a fresh output per product would time the allocator too)."""
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, dtype=dtype, device=device)
+    c = torch.empty_like(a)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
-        a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t, k = time.perf_counter(), 5
-    for _ in range(k):
-        a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * k / (time.perf_counter() - t)
+        torch.matmul(a, a, out=c)
+    best, k = float("inf"), 3
+    for _ in range(3):
+        sync()
+        t = time.perf_counter()
+        for _ in range(k):
+            torch.matmul(a, a, out=c)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * k / best
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -173,7 +153,7 @@ class Trainer:
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.prec = resolve_precision(cfg.model, cuda)
-        self.malloc_capped = not cuda and cap_allocator_growth()  # before the model and activations exist
+        self.malloc_set = not cuda and set_cpu_allocator(cfg.run.cpu_allocator)  # before the model and activations
         torch.manual_seed(cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -187,12 +167,20 @@ class Trainer:
         self.n_params = sum(p.numel() for p in backbone.parameters())
         # FLOPs count matmul weights only: the input embedding is a lookup (nanoGPT excludes it likewise)
         self.n_flop_params = self.n_params - backbone.get_input_embeddings().weight.numel()
-        self.memory = self._check_memory(backbone.config)
+        self.attn_shape = attention_shape(backbone.config)
+        largest = max(p.numel() for p in backbone.parameters())
+        self.zero = zero_plan(cfg, n_params=self.n_params, largest=largest, bytes_per=self.prec.dtype.itemsize,
+                              rank_bytes=self._rank_bytes(), cuda=cuda)
+        self.memory = self._check_memory(backbone.config, persistent=self.zero.persistence_threshold > largest)
         model = Encoder(backbone, cfg.model.pooling)
+        log.info("[zero] ZeRO-%d, persistence threshold %d, reduce bucket %d: %s", cfg.deepspeed.zero_stage,
+                 self.zero.persistence_threshold, self.zero.reduce_bucket_size, self.zero.reason)
+        params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model=model, model_parameters=params,
+            optimizer=make_optimizer(cfg, params) if client_optimizer(cfg) else None,
             lr_scheduler=make_scheduler(cfg.optim.warmup_steps, cfg.run.max_steps),
-            config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda, self.reshard))
+            config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda, self.reshard, self.zero))
         self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens, min_efficiency=cfg.encode.min_chunk_efficiency) \
             if cfg.encode.grad_cache else None
 
@@ -272,14 +260,19 @@ class Trainer:
         n = cfg.loader.batch_size * (p95["query"] + g * p95["doc"] + (p95["prompt"] if cfg.stage == 2 else 0))
         return n
 
-    def _check_memory(self, config) -> Estimate:
+    def _rank_bytes(self) -> float:
+        """Memory one rank may use: the device's free memory, or on CPU the machine's shared by its local ranks."""
+        return self.cfg.encode.max_memory_gb * GB or available_bytes(self.device) / (
+            1 if self.device.type == "cuda" else max(D.local_world_size(), 1))
+
+    def _check_memory(self, config, persistent: bool) -> Estimate:
         cfg = self.cfg
         est = estimate(params=self.n_params, hidden=config.hidden_size, layers=config.num_hidden_layers,
                        bytes_per=2 if self.prec.name == "bf16" else 4, world=self.world,
                        zero_stage=cfg.deepspeed.zero_stage, graph_tokens=self._graph_tokens(),
-                       grad_ckpt=cfg.model.gradient_checkpointing, offload_optimizer=cfg.deepspeed.offload_optimizer)
-        limit = cfg.encode.max_memory_gb * GB or available_bytes(self.device) / (
-            1 if self.device.type == "cuda" else max(D.local_world_size(), 1))
+                       grad_ckpt=cfg.model.gradient_checkpointing, offload_optimizer=cfg.deepspeed.offload_optimizer,
+                       persistent=persistent)
+        limit = self._rank_bytes()
         log.info(f"[memory] estimate per rank {est.describe()}; limit {limit / GB:.1f} GB")
         if est.total > limit:
             raise PreflightError(
@@ -297,9 +290,9 @@ class Trainer:
                      "negatives_per_query": cfg.loader.batch_size * self.world * g - 1, "params": self.n_params,
                      "global_batch": cfg.loader.batch_size * self.world * cfg.loader.grad_accum,
                      "grad_cache": cfg.encode.grad_cache, "chunk_tokens": cfg.encode.chunk_tokens,
-                     "memory_estimate_gb": round(self.memory.total / GB, 2), "malloc_mmap_capped": self.malloc_capped,
+                     "memory_estimate_gb": round(self.memory.total / GB, 2), "cpu_allocator": cfg.run.cpu_allocator if self.malloc_set else "default",
                      "batches_per_epoch": len(self.loader), "dropped_per_epoch": self.loader.dropped_per_epoch,
-                     "peak_flops_per_device": round(self.peak), "resumed_from": self.resumed_from or ""}
+                     "peak_flops_per_device": round(self.peak), "threads": torch.get_num_threads(), "resumed_from": self.resumed_from or ""}
         log.info("[train] " + " ".join(f"{k}={v}" for k, v in self.info.items()))
         if not self.resumed_from:
             self.tracker.params(to_dict(cfg), self.info)
@@ -333,31 +326,40 @@ class Trainer:
             last = a == accum - 1
             batch = _to(next(batches), self.device)
             clock.lap("data")
-            if self.cache:
-                terms = self.cache.forward(batch, cfg.stage, cfg.loss, stats)
-            else:
-                terms = compute(self.engine, batch, cfg.stage, cfg.loss, cfg.encode.chunk_tokens, stats,
-                                cfg.encode.min_chunk_efficiency)
+            with phase("forward"):
+                if self.cache:
+                    terms = self.cache.forward(batch, cfg.stage, cfg.loss, stats)
+                else:
+                    terms = compute(self.engine, batch, cfg.stage, cfg.loss, cfg.encode.chunk_tokens, stats,
+                                    cfg.encode.min_chunk_efficiency)
             clock.lap("forward")
-            if D.mean_across(torch.isfinite(terms["loss"]).float()).item() < 1.0:  # any rank: all skip, in step
+            with phase("sync"):
+                finite = D.mean_across(torch.isfinite(terms["loss"]).float()).item() == 1.0  # any rank: all skip
+            if not finite:
                 self._skip(terms)
                 continue
             self.bad_in_row = 0
-            if self.cache:
-                self.cache.backward(lambda s, end, last=last: self._backward(s, last and end))
-            else:
-                self._backward(terms["loss"], last)
+            with phase("backward"):
+                if self.cache:
+                    self.cache.backward(lambda s, end, last=last: self._backward(s, last and end))
+                else:
+                    self._backward(terms["loss"], last)
             clock.lap("backward")
             stepped = last
             done += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + D.mean_across(v).item()
+            with phase("sync"):
+                # one collective for every logged term, not one per term
+                names = sorted(terms)
+                means = D.mean_across(torch.stack([terms[k].detach().float().reshape(()) for k in names])).tolist()
+            for k, v in zip(names, means):
+                sums[k] = sums.get(k, 0.0) + v
             samples += batch["query_input_ids"].shape[0]
         if not done:
             return None
         self.engine.set_gradient_accumulation_boundary(True)
         lr = self.engine.get_lr()[0]  # this step's LR: after engine.step() the optimizer holds the next one's
-        self.engine.step()
+        with phase("optimizer"):
+            self.engine.step()
         clock.lap("optimizer")
         if not stepped:  # the last micro-batch was skipped: its backward never told DeepSpeed "boundary"
             log.warning("[train] step %d: optimizer step on %d of %d micro-batches", self.step + 1, done, accum)
@@ -370,14 +372,21 @@ class Trainer:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        t = time.perf_counter()
         with profile(activities=acts) as prof:
             out = self.train_step(batches)
+        wall = time.perf_counter() - t
         if self.rank == 0:
             ka = prof.key_averages()
-            dev = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-            text = "\n\n".join(ka.table(sort_by=k, row_limit=25) for k in ("self_cpu_time_total", dev))
-            (Path(self.cfg.run.output_dir) / "profile.txt").write_text(text)
-            log.info("[train] step %d profiled -> %s", self.step + 1, Path(self.cfg.run.output_dir) / "profile.txt")
+            text = top_operators(prof)
+            if self.device.type == "cuda":
+                text += "\n\n" + ka.table(sort_by="self_cuda_time_total", row_limit=25)
+            out_dir = Path(self.cfg.run.output_dir)
+            (out_dir / "profile.txt").write_text(text)
+            phases = {"step_wall_s": wall, "phases_s": phase_seconds(prof), "clock_s": out["phases"] if out else {}}
+            (out_dir / "profile_phases.json").write_text(json.dumps(phases, indent=1))
+            log.info("[train] step %d profiled -> %s, %s", self.step + 1, out_dir / "profile.txt",
+                     out_dir / "profile_phases.json")
         return out
 
     def _skip(self, terms: dict[str, torch.Tensor]) -> None:
@@ -394,17 +403,18 @@ class Trainer:
     # -- metrics, evaluation ---------------------------------------------------------------------------------------
     def metrics(self, out: dict[str, Any], dt: float) -> dict[str, float]:
         s, st = out["sums"], out["stats"]
-        real = D.mean_across(torch.tensor(float(st.real))).item() * self.world
-        padded = D.mean_across(torch.tensor(float(st.padded))).item() * self.world
-        # MFU on real tokens (padding is not useful work); 6 x params per token for forward + backward; GradCache's
-        # second forward is recomputation and is not counted (as activation checkpointing is not)
+        real, padded, sq = (D.mean_across(torch.tensor([float(st.real), float(st.padded), float(st.sum_sq)]))
+                            * self.world).tolist()
+        # MFU on real tokens (padding is not useful work): trainer/flops.py, per rank, over this rank's measured peak
+        flops = step_flops(self.n_flop_params, real, sq, *self.attn_shape, causal=self.engine.module.causal)
+        padded_flops = step_flops(self.n_flop_params, padded, sq, *self.attn_shape, causal=self.engine.module.causal)
         m = {
             "loss": s["loss"], "infonce": s["infonce"], "accuracy": s["accuracy"],
             "masked_negatives": s["masked_negatives"], "lr": out["lr"],
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "step_time_s": dt,
             "samples_per_s": out["samples"] * self.world / dt, "tokens_per_s": real / dt,
-            "mfu": 6 * self.n_flop_params * real / self.world / dt / self.peak,
-            "padded_mfu": 6 * self.n_flop_params * padded / self.world / dt / self.peak,
+            "mfu": flops / self.world / dt / self.peak,
+            "padded_mfu": padded_flops / self.world / dt / self.peak,
             "peak_mem_gb": _peak_mem_gb(self.device), "skipped_micro_batches": self.skipped,
             "padding_efficiency": real / max(padded, 1), "loader_padding_efficiency": self.loader.padding_efficiency,
             "forwards": st.forwards, "epoch": self.loader.epoch,

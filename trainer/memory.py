@@ -33,12 +33,13 @@ class Estimate:
 
 
 def estimate(*, params: int, hidden: int, layers: int, bytes_per: int, world: int, zero_stage: int,
-             graph_tokens: int, grad_ckpt: bool, offload_optimizer: bool = False) -> Estimate:
-    """graph_tokens: padded tokens whose activations are alive at once (a micro-batch, or one GradCache chunk)."""
+             graph_tokens: int, grad_ckpt: bool, offload_optimizer: bool = False, persistent: bool = False) -> Estimate:
+    """graph_tokens: padded tokens whose activations are alive at once (a micro-batch, or one GradCache chunk);
+    persistent: ZeRO-3 keeps every weight whole on every rank (trainer/zero.py)."""
     w_all = params * bytes_per
     opt = 0.0 if offload_optimizer else params * 12 / (world if zero_stage >= 1 else 1)
     grads = params * bytes_per / (world if zero_stage >= 2 else 1)
-    if zero_stage == 3:
+    if zero_stage == 3 and not persistent:
         weights = w_all / world + 2 * w_all / max(layers, 1)  # own partition + ~2 gathered layers (prefetch)
     else:
         weights = w_all
@@ -77,13 +78,21 @@ def advice(est: Estimate, grad_ckpt: bool, grad_cache: bool) -> str:
                                "memory per rank")
 
 
-def cap_allocator_growth(threshold: int = 4 << 20) -> bool:
-    """CPU: have glibc serve allocations >= `threshold` bytes with mmap, so freed activations go back to the OS.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
-    glibc raises its mmap threshold each time a large block is freed (dynamic adjustment), after which activations
-    come from the heap and are kept on free: RSS grows step after step. A fixed threshold (mallopt M_MMAP_THRESHOLD,
-    which also turns the adjustment off) halved the peak RSS of a SmolLM2-135M forward + backward of 16 x 512 tokens
-    with checkpointing (4.56 -> 2.46 GB). Returns whether it was applied (glibc only)."""
+
+def set_cpu_allocator(mode: str) -> bool:
+    """How glibc serves a CPU training step's activations (they are allocated and freed every step):
+
+    - `reuse`: blocks under 64 MB come from the heap and freed memory stays in the process (fixed mmap and trim
+      thresholds), so the next step reuses it without page faults, as a GPU caching allocator does;
+    - `release`: blocks of 4 MB and more are mmap'd and returned to the OS on free. Lowest RSS (a SmolLM2-135M forward
+      + backward of 16 x 512 tokens with checkpointing peaked at 2.46 GB instead of 4.56), but every step faults its
+      activations in afresh: a forward of 20 x 128 tokens took 9.8 s instead of 4.7 s, half of it kernel time;
+    - `default`: glibc's dynamic thresholds (they rise as large blocks are freed; RSS then grows step after step).
+    Fixed thresholds also turn glibc's dynamic adjustment off. Returns whether it was applied (glibc only)."""
+    if mode == "default":
+        return False
     import ctypes
     import ctypes.util
 
@@ -91,6 +100,9 @@ def cap_allocator_growth(threshold: int = 4 << 20) -> bool:
     if not name:
         return False
     try:
-        return bool(ctypes.CDLL(name).mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+        libc = ctypes.CDLL(name)
+        if mode == "release":
+            return bool(libc.mallopt(M_MMAP_THRESHOLD, 4 << 20))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 64 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):
         return False

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .packing import is_packed, kernel_name, packed_hidden, pool_packed, register
 
 log = logging.getLogger("e2rank")
 
@@ -42,6 +43,7 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.causal = is_causal(backbone)
+        self.packed = self.causal and is_packed(backbone)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return embed(self.backbone, input_ids, attention_mask, self.pooling, causal=self.causal)
@@ -77,6 +79,9 @@ def embed(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     pad rows with nothing to attend to, whose NaN outputs poison the weight gradients (0 x NaN) on CUDA kernels."""
     if causal is None:
         causal = is_causal(backbone)
+    if causal and is_packed(backbone):  # one row, no padding, block-diagonal causal attention (trainer/packing.py)
+        hidden, cu = packed_hidden(backbone, input_ids, attention_mask)
+        return F.normalize(pool_packed(hidden, cu, pooling).float(), dim=-1)
     if causal:
         input_ids, attention_mask = to_right_padding(input_ids, attention_mask)
         out = backbone(input_ids=input_ids)
@@ -131,14 +136,24 @@ def attention_candidates(cfg: ModelConfig, cuda: bool) -> list[str]:
     return order
 
 
+def wants_packing(cfg: ModelConfig, cuda: bool) -> bool:
+    """auto: packed on GPUs (no padding, fewer and larger forwards); on CPUs the length-grouped chunks, which
+    measured faster there (bench/README.md)."""
+    return cfg.packing == "on" or (cfg.packing == "auto" and cuda)
+
+
 def load_backbone(path: str, cfg: ModelConfig, dtype: torch.dtype, cuda: bool) -> tuple[nn.Module, str]:
-    """AutoModel with the best attention backend that loads; returns (model, backend). Says which it took."""
+    """AutoModel with the best attention backend that loads; returns (model, backend). Says which it took. A causal
+    decoder with packing on gets the packed attention (encoders keep their masked path)."""
     from transformers import AutoModel
 
     errors = []
     for impl in attention_candidates(cfg, cuda):
         try:
             model = AutoModel.from_pretrained(path, attn_implementation=impl, dtype=dtype)
+            if wants_packing(cfg, cuda) and is_causal(model):
+                model.set_attn_implementation(register())
+                impl = f"{register()} ({kernel_name('cuda' if cuda else 'cpu', dtype)}; unpacked: {impl})"
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return model, impl

@@ -20,6 +20,7 @@ from . import distributed as D
 from .chunking import ChunkStats, encode_chunked
 from .config import LossConfig
 from .losses import info_nce, ranknet
+from .profiling import phase
 
 Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -64,4 +65,6 @@ def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, 
 
 def compute(encode: Encode, batch: dict[str, Any], stage: int, cfg: LossConfig, chunk_tokens: int = 0,
             stats: ChunkStats | None = None, min_efficiency: float = 0.95) -> dict[str, torch.Tensor]:
-    return loss_terms(embed_batch(encode, batch, stage, chunk_tokens, stats, min_efficiency), batch, stage, cfg)
+    emb = embed_batch(encode, batch, stage, chunk_tokens, stats, min_efficiency)
+    with phase("loss"):
+        return loss_terms(emb, batch, stage, cfg)

@@ -13,9 +13,11 @@ from trainer.grad_cache import CachedStep
 from trainer.loop import ds_config
 from trainer.model import Encoder
 from trainer.objective import compute
+from trainer.packing import register
 
 model_path, batch_path, stage, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-mode = sys.argv[6] if len(sys.argv) > 6 else "padded"  # padded | chunked | cached
+# padded | chunked | cached | packed | packed-cached | persist (chunked, every ZeRO-3 tensor persistent)
+mode = sys.argv[6] if len(sys.argv) > 6 else "padded"
 bf16 = len(sys.argv) > 7 and sys.argv[7] == "bf16"  # the model and DeepSpeed in bf16, as model.dtype=bf16 trains
 CHUNK = 16  # tokens per forward: 1-2 sequences, so the ranks' chunk counts differ and must be agreed
 
@@ -35,15 +37,20 @@ def local_slice(batch, rank, world):
 D.init(60)
 rank, world = D.world()
 batch = local_slice(torch.load(batch_path), rank, world)
-enc = Encoder(AutoModel.from_pretrained(model_path, attn_implementation="sdpa",
-                                        dtype=torch.bfloat16 if bf16 else torch.float32), "last")
+backbone = AutoModel.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.bfloat16 if bf16 else torch.float32)
+if "packed" in mode:  # one unpadded row per chunk, block-diagonal causal attention (trainer/packing.py)
+    backbone.set_attn_implementation(register())
+enc = Encoder(backbone, "last")
+assert enc.packed == ("packed" in mode)
 # the trainer's own DeepSpeed config (trainer.loop.ds_config), so the equivalence covers what training runs
 tc = TrainConfig()
 tc.loader.batch_size, tc.loader.grad_accum, tc.deepspeed.zero_stage = batch["query_input_ids"].shape[0], 1, zero
 tc.optim.lr = 0.0
+# persist: every tensor whole on every rank (what auto persistence picks when the model fits); else partition all
+tc.deepspeed.stage3_param_persistence_threshold = 10**9 if "persist" in mode else 0
 cfg = ds_config(tc, bf16=bf16, hidden=enc.backbone.config.hidden_size)
 engine, *_ = deepspeed.initialize(model=enc, model_parameters=enc.parameters(), config=cfg)
-if mode == "cached":
+if mode.endswith("cached"):
     step = CachedStep(engine, CHUNK)
     terms = step.forward(batch, stage, LossConfig())
 
@@ -53,7 +60,7 @@ if mode == "cached":
 
     step.backward(backward)
 else:
-    terms = compute(engine, batch, stage, LossConfig(), chunk_tokens=CHUNK if mode == "chunked" else 0)
+    terms = compute(engine, batch, stage, LossConfig(), chunk_tokens=0 if mode == "padded" else CHUNK)
     engine.backward(terms["loss"])
 grads = {n: safe_get_full_grad(p).detach().float().clone() for n, p in engine.module.named_parameters()}
 loss = D.mean_across(terms["loss"])

@@ -1,0 +1,100 @@
+"""The DeepSpeed configuration, with ZeRO sized to the model.
+
+ZeRO-3 partitions parameters so that models larger than one device train at all; when the weights fit, gathering
+every module for every forward (and every checkpoint recompute) only costs time: DeepSpeed's maintainers say as
+much (deepspeedai/DeepSpeed#1436). So `stage3_param_persistence_threshold=-1` (auto) keeps every tensor whole on
+every rank when the weights take at most PERSIST_FRACTION of a rank's memory: gradients and optimizer states stay
+partitioned, the updated weights are all-gathered once per optimizer step. Otherwise DeepSpeed's default (1e5
+elements) applies and large tensors are gathered per forward as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PERSIST_FRACTION = 0.25  # weights under a quarter of a rank's memory leave room for states and activations
+DS_DEFAULT_PERSISTENCE = 100_000
+GPU_BUCKET = 500_000_000  # DeepSpeed's default reduce bucket (elements)
+# CPU: gloo pays a fixed cost per call, so a 135M model in hidden^2 (332k-element) buckets made ~400 reductions per
+# backward; 2.5e7 elements (100 MB fp32, as DDP's 25 MB buckets scaled to fp32 flat buffers) makes a handful
+CPU_BUCKET = 25_000_000
+
+
+@dataclass(frozen=True)
+class ZeroPlan:
+    persistence_threshold: int
+    reduce_bucket_size: int
+    reason: str
+
+
+def plan(cfg: TrainConfig, *, n_params: int, largest: int, bytes_per: int, rank_bytes: float, cuda: bool) -> ZeroPlan:
+    """The ZeRO sizes this run uses and why (derived values; the config itself is not changed)."""
+    ds = cfg.deepspeed
+    bucket = ds.reduce_bucket_size or (GPU_BUCKET if cuda else CPU_BUCKET)
+    if ds.zero_stage != 3:
+        return ZeroPlan(ds.stage3_param_persistence_threshold, bucket, f"ZeRO-{ds.zero_stage}: weights are whole on every rank")
+    if ds.stage3_param_persistence_threshold >= 0:
+        return ZeroPlan(ds.stage3_param_persistence_threshold, bucket, "deepspeed.stage3_param_persistence_threshold set")
+    weights = n_params * bytes_per
+    if weights <= PERSIST_FRACTION * rank_bytes:
+        return ZeroPlan(largest + 1, bucket,
+                        f"the weights ({weights / 2**30:.2f} GB) fit a rank ({rank_bytes / 2**30:.1f} GB): every tensor "
+                        "persists, no gathers per forward; gradients and optimizer states stay partitioned")
+    return ZeroPlan(DS_DEFAULT_PERSISTENCE, bucket,
+                    f"the weights ({weights / 2**30:.2f} GB) take over {PERSIST_FRACTION:.0%} of a rank "
+                    f"({rank_bytes / 2**30:.1f} GB): partitioned, gathered per module (tensors < 1e5 elements persist)")
+
+
+def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False, universal: bool = False,
+              zero: ZeroPlan | None = None) -> dict[str, Any]:
+    """DeepSpeed's JSON config for this run. Without a `zero` plan (tests, reference files) the sizes are the
+    configured values, with auto persistence resolved to DeepSpeed's default."""
+    ds = cfg.deepspeed
+    if zero is None:
+        t = ds.stage3_param_persistence_threshold
+        zero = ZeroPlan(t if t >= 0 else DS_DEFAULT_PERSISTENCE, ds.reduce_bucket_size or (GPU_BUCKET if cuda else CPU_BUCKET), "")
+    z: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 2:
+        z["reduce_bucket_size"] = zero.reduce_bucket_size
+        z["overlap_comm"] = cuda  # a side stream: nothing to overlap with on CPU
+        z["contiguous_gradients"] = True
+    if ds.zero_stage == 3:
+        z["stage3_param_persistence_threshold"] = zero.persistence_threshold
+        if not cuda:
+            z["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
+    if ds.offload_optimizer:
+        z["offload_optimizer"] = {"device": "cpu"}
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.loader.batch_size,
+        "gradient_accumulation_steps": cfg.loader.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": z,
+        "bf16": {"enabled": bf16},
+        # no "scheduler": trainer/schedule.py owns it (passed to deepspeed.initialize)
+        "steps_per_print": 10**9,
+        # resuming a checkpoint written by another number of ranks (checkpoint.to_universal)
+        **({"checkpoint": {"load_universal": True}} if universal else {}),
+    }
+    if not client_optimizer(cfg):
+        out["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
+                                                        "weight_decay": cfg.optim.weight_decay, "torch_adam": True}}
+    return out
+
+
+def client_optimizer(cfg: TrainConfig) -> bool:
+    """Fused AdamW is passed to DeepSpeed as a client optimizer (its torch_adam path passes only `foreach`);
+    optimizer offload keeps DeepSpeed's CPU Adam."""
+    return cfg.optim.fused and not cfg.deepspeed.offload_optimizer
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    import torch
+
+    o = cfg.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
