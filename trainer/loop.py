@@ -35,7 +35,7 @@ from .objective import compute
 from .profiling import phase, phase_seconds, top_operators
 from .schedule import make_scheduler, retarget
 from .tracking import Tracker
-from .zero import client_optimizer, ds_config, make_optimizer
+from .zero import client_optimizer, ds_config, make_optimizer, reduce_once
 from .zero import plan as zero_plan
 
 log = logging.getLogger("e2rank")
@@ -316,15 +316,36 @@ class Trainer:
         step's last, and engine.step() runs once per optimizer step, so a skipped micro-batch cannot shift
         DeepSpeed's boundary (its own counter would). Returns the step's sums, or None if every micro-batch was
         skipped (no optimizer step, no LR step)."""
-        cfg, accum = self.cfg, self.cfg.loader.grad_accum
+        accum = self.cfg.loader.grad_accum
         sums: dict[str, float] = {}
         stats = ChunkStats()
-        samples = done = 0
-        stepped = False
         clock = PhaseClock(self.device)
+        counts: dict[str, Any] = {"samples": 0, "done": 0, "stepped": False}
+        # several backwards (GradCache: one per chunk; accumulation) reduce gradients once, as the block exits
+        with phase("backward"), reduce_once(self.engine, accum * (2 if self.cache else 1)):
+            self._micro_batches(batches, accum, stats, sums, clock, counts)
+        clock.lap("backward")
+        samples, done, stepped = counts["samples"], counts["done"], counts["stepped"]
+        if not done:
+            return None
+        self.engine.set_gradient_accumulation_boundary(True)
+        lr = self.engine.get_lr()[0]  # this step's LR: after engine.step() the optimizer holds the next one's
+        with phase("optimizer"):
+            self.engine.step()
+        clock.lap("optimizer")
+        if not stepped:  # the last micro-batch was skipped: its backward never told DeepSpeed "boundary"
+            log.warning("[train] step %d: optimizer step on %d of %d micro-batches", self.step + 1, done, accum)
+        return {"sums": {k: v / done for k, v in sums.items()}, "stats": stats, "samples": samples,
+                "phases": clock.seconds, "lr": lr}
+
+    def _micro_batches(self, batches, accum: int, stats: ChunkStats, sums: dict[str, float], clock: PhaseClock,
+                       counts: dict[str, Any]) -> None:
+        """Forward and backward of the step's micro-batches (the optimizer step is the caller's)."""
+        cfg = self.cfg
         for a in range(accum):
             last = a == accum - 1
-            batch = _to(next(batches), self.device)
+            with phase("data"):
+                batch = _to(next(batches), self.device)
             clock.lap("data")
             with phase("forward"):
                 if self.cache:
@@ -345,26 +366,15 @@ class Trainer:
                 else:
                     self._backward(terms["loss"], last)
             clock.lap("backward")
-            stepped = last
-            done += 1
+            counts["stepped"] = last
+            counts["done"] += 1
             with phase("sync"):
                 # one collective for every logged term, not one per term
                 names = sorted(terms)
                 means = D.mean_across(torch.stack([terms[k].detach().float().reshape(()) for k in names])).tolist()
             for k, v in zip(names, means):
                 sums[k] = sums.get(k, 0.0) + v
-            samples += batch["query_input_ids"].shape[0]
-        if not done:
-            return None
-        self.engine.set_gradient_accumulation_boundary(True)
-        lr = self.engine.get_lr()[0]  # this step's LR: after engine.step() the optimizer holds the next one's
-        with phase("optimizer"):
-            self.engine.step()
-        clock.lap("optimizer")
-        if not stepped:  # the last micro-batch was skipped: its backward never told DeepSpeed "boundary"
-            log.warning("[train] step %d: optimizer step on %d of %d micro-batches", self.step + 1, done, accum)
-        return {"sums": {k: v / done for k, v in sums.items()}, "stats": stats, "samples": samples,
-                "phases": clock.seconds, "lr": lr}
+            counts["samples"] += batch["query_input_ids"].shape[0]
 
     def _profiled(self, batches):
         """One step under torch.profiler (run.profile_step): the top operators by self CPU and by device time go to

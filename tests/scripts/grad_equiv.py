@@ -14,6 +14,7 @@ from trainer.loop import ds_config
 from trainer.model import Encoder
 from trainer.objective import compute
 from trainer.packing import register
+from trainer.zero import client_optimizer, make_optimizer, reduce_once
 
 model_path, batch_path, stage, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 # padded | chunked | cached | packed | packed-cached | persist (chunked, every ZeRO-3 tensor persistent)
@@ -49,7 +50,9 @@ tc.optim.lr = 0.0
 # persist: every tensor whole on every rank (what auto persistence picks when the model fits); else partition all
 tc.deepspeed.stage3_param_persistence_threshold = 10**9 if "persist" in mode else 0
 cfg = ds_config(tc, bf16=bf16, hidden=enc.backbone.config.hidden_size)
-engine, *_ = deepspeed.initialize(model=enc, model_parameters=enc.parameters(), config=cfg)
+params = list(enc.parameters())
+engine, *_ = deepspeed.initialize(model=enc, model_parameters=params, config=cfg,
+                                  optimizer=make_optimizer(tc, params) if client_optimizer(tc) else None)
 if mode.endswith("cached"):
     step = CachedStep(engine, CHUNK)
     terms = step.forward(batch, stage, LossConfig())
@@ -58,7 +61,8 @@ if mode.endswith("cached"):
         engine.set_gradient_accumulation_boundary(last)
         engine.backward(surrogate)
 
-    step.backward(backward)
+    with reduce_once(engine, 2):  # the trainer's: one gradient reduction for all chunk backwards
+        step.backward(backward)
 else:
     terms = compute(engine, batch, stage, LossConfig(), chunk_tokens=0 if mode == "padded" else CHUNK)
     engine.backward(terms["loss"])

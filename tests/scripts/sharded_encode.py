@@ -22,6 +22,8 @@ rank, world = D.world()
 enc = Encoder(AutoModel.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32), "last")
 tc = TrainConfig()
 tc.deepspeed.zero_stage = zero
+tc.deepspeed.stage3_param_persistence_threshold = 0  # every tensor partitioned: each forward is a collective
+tc.optim.fused = False  # DeepSpeed builds the optimizer from its JSON (no client optimizer to pass here)
 engine, *_ = deepspeed.initialize(model=enc, model_parameters=enc.parameters(),
                                   config=ds_config(tc, bf16=False, hidden=enc.backbone.config.hidden_size))
 engine.eval()
