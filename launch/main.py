@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     table = _evaluate(out, args.model, args.pooling, args.prompt_len, args.eval_dtype)
     t4 = time.time()
     print(table)
+    times = {"pre_tokenization": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2, "evaluation": t4 - t3, "total": t4 - t0}
+    (out / "times.json").write_text(json.dumps(times, indent=1))  # bench/main_job.py records it
     print(f"[main] times: pre-tokenization {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, "
           f"evaluation {t4 - t3:.0f}s, total {t4 - t0:.0f}s")
     print(f"[main] MLflow UI (both stages, stage 2 a child of stage 1): mlflow ui --backend-store-uri {uri}")
