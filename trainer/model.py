@@ -136,6 +136,36 @@ def attention_candidates(cfg: ModelConfig, cuda: bool) -> list[str]:
     return order
 
 
+def apply_liger(path: str, cuda: bool) -> str:
+    """liger-kernel's Triton kernels for this model family (patched into transformers' classes); says what ran."""
+    import json
+    from pathlib import Path
+
+    kind = json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
+    try:
+        import liger_kernel.transformers as lk
+    except ImportError:
+        log.warning("[model] model.liger=true but liger-kernel is not installed: unfused layers")
+        return "liger-kernel not installed"
+    fn = {"qwen3": getattr(lk, "apply_liger_kernel_to_qwen3", None), "llama": lk.apply_liger_kernel_to_llama}.get(kind)
+    if not cuda or fn is None:
+        log.warning("[model] model.liger=true needs CUDA and a Qwen3 or Llama model (%s): unfused layers", kind)
+        return "liger-kernel not applied"
+    # an embedding model has no LM head: the fused linear cross-entropy does not apply
+    fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    return f"liger-kernel ({kind}: RoPE, RMSNorm, SwiGLU)"
+
+
+def compile_layers(model: nn.Module) -> int:
+    """torch.compile each decoder layer (the repeated block; the embedding lookup and pooling stay eager)."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"model.compile: {type(model).__name__} has no decoder `layers` to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def wants_packing(cfg: ModelConfig, cuda: bool) -> bool:
     """auto: packed on GPUs (no padding, fewer and larger forwards); on CPUs the length-grouped chunks, which
     measured faster there (bench/README.md)."""
@@ -148,6 +178,7 @@ def load_backbone(path: str, cfg: ModelConfig, dtype: torch.dtype, cuda: bool) -
     from transformers import AutoModel
 
     errors = []
+    fused = apply_liger(path, cuda) if cfg.liger else ""  # patches the model classes: before the model is built
     for impl in attention_candidates(cfg, cuda):
         try:
             model = AutoModel.from_pretrained(path, attn_implementation=impl, dtype=dtype)
@@ -156,7 +187,9 @@ def load_backbone(path: str, cfg: ModelConfig, dtype: torch.dtype, cuda: bool) -
                 impl = f"{register()} ({kernel_name('cuda' if cuda else 'cpu', dtype)}; unpacked: {impl})"
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return model, impl
+            if cfg.compile:
+                impl += f"; {compile_layers(model)} decoder layers compiled"
+            return model, impl + (f"; {fused}" if fused else "")
         except (ImportError, ValueError) as e:
             errors.append(f"{impl}: {e}")
             if cfg.attn_implementation != "auto":
