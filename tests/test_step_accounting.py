@@ -38,6 +38,11 @@ def test_explicit_settings_win():
     assert z["stage3_param_persistence_threshold"] == 0 and z["reduce_bucket_size"] == 1000
 
 
+def test_gradient_communication_dtype_is_one_setting():
+    assert "communication_data_type" not in ds_config(cfg(), bf16=True, hidden=64)
+    assert ds_config(cfg(communication_dtype="bf16"), bf16=False, hidden=64)["communication_data_type"] == "bf16"
+
+
 def test_fused_adamw_is_a_client_optimizer_unless_offloaded():
     c = cfg()
     assert client_optimizer(c) and "optimizer" not in ds_config(c, bf16=False, hidden=64)

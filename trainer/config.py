@@ -69,6 +69,9 @@ class DeepSpeedSettings:
     stage3_param_persistence_threshold: int = -1
     # gradient reduction bucket (elements); 0 = auto (trainer/zero.py): DeepSpeed's 5e8 on GPUs, 2.5e7 on CPUs
     reduce_bucket_size: int = 0
+    # gradient reduction dtype; "" = the training dtype. bf16 halves the bytes an fp32 reduction would move; the
+    # optimizer still steps on fp32 master weights
+    communication_dtype: Literal["", "fp32", "bf16"] = ""
     timeout_s: int = 300  # collective timeout: a hang fails instead of waiting 30 minutes
 
 

@@ -81,6 +81,7 @@ def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False, uni
         "steps_per_print": 10**9,
         # resuming a checkpoint written by another number of ranks (checkpoint.to_universal)
         **({"checkpoint": {"load_universal": True}} if universal else {}),
+        **({"communication_data_type": ds.communication_dtype} if ds.communication_dtype else {}),
     }
     if not client_optimizer(cfg):
         out["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
