@@ -79,3 +79,18 @@ def test_measured_peak_is_plausible(threads):
     torch.set_num_threads(threads)
     peak = measure_peak_flops(torch.float32, torch.device("cpu"))
     assert 1e9 < peak < 1e13
+
+
+def test_auto_stage_is_zero2_when_the_weights_fit_and_keeps_a_checkpoints_stage():
+    fit = plan(cfg(zero_stage="auto"), n_params=135_000_000, largest=28_311_552, bytes_per=4, rank_bytes=11 * GB,
+               cuda=False)
+    assert fit.stage == 2 and "auto" in fit.reason
+    assert ds_config(cfg(zero_stage="auto"), bf16=False, hidden=64, zero=fit)["zero_optimization"]["stage"] == 2
+    big = plan(cfg(zero_stage="auto"), n_params=8_000_000_000, largest=500_000_000, bytes_per=2, rank_bytes=40 * GB,
+               cuda=True)
+    assert big.stage == 3 and big.persistence_threshold == DS_DEFAULT_PERSISTENCE
+    resumed = plan(cfg(zero_stage="auto"), n_params=135_000_000, largest=28_311_552, bytes_per=4, rank_bytes=11 * GB,
+                   cuda=False, resumed_stage=3)
+    assert resumed.stage == 3 and "checkpoint" in resumed.reason
+    # without a model to size (reference JSONs), auto is the conservative ZeRO-3
+    assert ds_config(cfg(zero_stage="auto"), bf16=True, hidden=64)["zero_optimization"]["stage"] == 3

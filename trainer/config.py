@@ -61,7 +61,8 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedSettings:
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    # auto: ZeRO-2 when the weights fit a rank, else ZeRO-3 (trainer/zero.py)
+    zero_stage: Literal["auto", 0, 1, 2, 3] = 3
     offload_optimizer: bool = False
     # ZeRO-3 parameters below this many elements stay whole on every rank (no gather per forward). -1 = auto, sized to
     # the model (trainer/zero.py): every tensor persists when the weights fit a rank's memory comfortably, else

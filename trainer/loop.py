@@ -170,10 +170,10 @@ class Trainer:
         self.attn_shape = attention_shape(backbone.config)
         largest = max(p.numel() for p in backbone.parameters())
         self.zero = zero_plan(cfg, n_params=self.n_params, largest=largest, bytes_per=self.prec.dtype.itemsize,
-                              rank_bytes=self._rank_bytes(), cuda=cuda)
+                              rank_bytes=self._rank_bytes(), cuda=cuda, resumed_stage=self.resumed_stage)
         self.memory = self._check_memory(backbone.config, persistent=self.zero.persistence_threshold > largest)
         model = Encoder(backbone, cfg.model.pooling)
-        log.info("[zero] ZeRO-%d, persistence threshold %d, reduce bucket %d: %s", cfg.deepspeed.zero_stage,
+        log.info("[zero] ZeRO-%d, persistence threshold %d, reduce bucket %d: %s", self.zero.stage,
                  self.zero.persistence_threshold, self.zero.reduce_bucket_size, self.zero.reason)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
@@ -211,8 +211,11 @@ class Trainer:
         D.barrier()
         tag = C.latest(self.ckpt_dir)
         state = C.trainer_state(self.ckpt_dir, tag) if tag else {}
-        was, now = state.get("config", {}).get("deepspeed", {}).get("zero_stage"), self.cfg.deepspeed.zero_stage
-        if tag and was is not None and was != now:
+        # the stage the checkpoint was written with (resolved, for zero_stage auto)
+        was = state.get("zero_stage", state.get("config", {}).get("deepspeed", {}).get("zero_stage"))
+        self.resumed_stage = was if isinstance(was, int) else None
+        now = self.cfg.deepspeed.zero_stage
+        if tag and self.resumed_stage is not None and now != "auto" and self.resumed_stage != now:
             # the optimizer states are partitioned differently per stage: loading one into the other is not a resume
             raise PreflightError(
                 f"checkpoint {self.ckpt_dir / tag} was written with DeepSpeed ZeRO-{was} and this run asks for "
@@ -269,7 +272,7 @@ class Trainer:
         cfg = self.cfg
         est = estimate(params=self.n_params, hidden=config.hidden_size, layers=config.num_hidden_layers,
                        bytes_per=2 if self.prec.name == "bf16" else 4, world=self.world,
-                       zero_stage=cfg.deepspeed.zero_stage, graph_tokens=self._graph_tokens(),
+                       zero_stage=self.zero.stage, graph_tokens=self._graph_tokens(),
                        grad_ckpt=cfg.model.gradient_checkpointing, offload_optimizer=cfg.deepspeed.offload_optimizer,
                        persistent=persistent)
         limit = self._rank_bytes()
@@ -286,7 +289,7 @@ class Trainer:
         cfg = self.cfg
         g = self.loader.slate_size if cfg.stage == 2 else 1 + cfg.loader.negatives_per_query
         self.info = {"stage": cfg.stage, "world_size": self.world, "backend": self.backend, "attention": self.attn,
-                     "dtype": self.prec.name, "zero_stage": cfg.deepspeed.zero_stage,
+                     "dtype": self.prec.name, "zero_stage": self.zero.stage,
                      "negatives_per_query": cfg.loader.batch_size * self.world * g - 1, "params": self.n_params,
                      "global_batch": cfg.loader.batch_size * self.world * cfg.loader.grad_accum,
                      "grad_cache": cfg.encode.grad_cache, "chunk_tokens": cfg.encode.chunk_tokens,
@@ -449,6 +452,7 @@ class Trainer:
 
     def save(self) -> None:
         C.save(self.engine, self.ckpt_dir, self.step, {"loader": self.loader.state_dict(), "max_steps": self.max_steps,
+                                                        "zero_stage": self.zero.stage,
                                                         "mlflow_run_id": self.tracker.run_id, "config": to_dict(self.cfg)},
                keep=self.cfg.run.keep_checkpoints)
 
