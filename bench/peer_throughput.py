@@ -217,6 +217,14 @@ def main() -> int:
                 ratios[f"{name}_{LEN}_{d}"] = r = rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
                 print(f"{a} / {b}: tokens/s {r:.2f}x, peak RSS per process "
                       f"{rows[a]['peak_rss_gb']:.2f} vs {rows[b]['peak_rss_gb']:.2f} GB")
+    from trainer.model import native_bf16
+
+    native = "bf16" if native_bf16(False) else "fp32"  # what model.dtype=auto trains in on this box
+    for k in [k for k in ratios if k.endswith(f"_{native}")]:
+        short = k[: -len(native) - 1]
+        ratios[short] = ratios[k]
+        if short.startswith("gradcache_vs_cachedmnrl"):
+            ratios["gradcache_vs_cachedmnrl"] = ratios[k]
     if phases:
         print(phase_table(phases))
     result = {"machine": record.machine(), "date": time.strftime("%Y-%m-%d"), "commit": record.commit(), "len": LEN,
