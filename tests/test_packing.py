@@ -37,6 +37,17 @@ def model_dir(request, tmp_path_factory):
     return path / "m"
 
 
+def assert_same_gradients(a, b, ea, eb, tol: float) -> None:
+    """Backpropagate the same random projection of both embeddings; every parameter gradient agrees to `tol` of its
+    largest entry."""
+    w = torch.randn_like(ea)
+    (ea * w).sum().backward()
+    (eb * w).sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        rel = (pa.grad - pb.grad).abs().max() / (pa.grad.abs().max() + 1e-12)
+        assert rel < tol, f"{n}: {rel:.2e}"
+
+
 def pair(model_dir):
     a = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
     b = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
@@ -51,12 +62,7 @@ def test_packed_embeddings_and_gradients_equal_padded(model_dir, side, pooling):
     ids, mask = batch([24, 3, 17, 1, 10, 24], 24, side)
     ea, eb = embed(a, ids, mask, pooling), embed(b, ids, mask, pooling)
     assert torch.allclose(ea, eb, atol=1e-6), (ea - eb).abs().max()
-    w = torch.randn_like(ea)
-    (ea * w).sum().backward()
-    (eb * w).sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        rel = (pa.grad - pb.grad).abs().max() / (pa.grad.abs().max() + 1e-12)
-        assert rel < 1e-5, f"{n}: {rel:.2e}"
+    assert_same_gradients(a, b, ea, eb, 1e-5)
 
 
 def test_pack_restarts_positions_and_keeps_row_order():
@@ -119,9 +125,4 @@ def test_compiled_layers_give_the_eager_embeddings_and_gradients(model_dir):
         ids, mask = batch(lens, max(lens), "left")
         ea, eb = embed(a, ids, mask, "last"), embed(b, ids, mask, "last")
         assert torch.allclose(ea, eb, atol=1e-5), (ea - eb).abs().max()
-    w = torch.randn_like(ea)
-    (ea * w).sum().backward()
-    (eb * w).sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        rel = (pa.grad - pb.grad).abs().max() / (pa.grad.abs().max() + 1e-12)
-        assert rel < 1e-4, f"{n}: {rel:.2e}"
+    assert_same_gradients(a, b, ea, eb, 1e-4)
