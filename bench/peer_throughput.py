@@ -220,11 +220,9 @@ def main() -> int:
     from trainer.model import native_bf16
 
     native = "bf16" if native_bf16(False) else "fp32"  # what model.dtype=auto trains in on this box
-    for k in [k for k in ratios if k.endswith(f"_{native}")]:
-        short = k[: -len(native) - 1]
-        ratios[short] = ratios[k]
-        if short.startswith("gradcache_vs_cachedmnrl"):
-            ratios["gradcache_vs_cachedmnrl"] = ratios[k]
+    ratios.update({k[: -len(native) - 1]: v for k, v in list(ratios.items()) if k.endswith(f"_{native}")})
+    if f"gradcache_vs_cachedmnrl_{LEN}" in ratios:
+        ratios["gradcache_vs_cachedmnrl"] = ratios[f"gradcache_vs_cachedmnrl_{LEN}"]
     if phases:
         print(phase_table(phases))
     result = {"machine": record.machine(), "date": time.strftime("%Y-%m-%d"), "commit": record.commit(), "len": LEN,
