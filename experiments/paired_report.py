@@ -22,8 +22,9 @@ def label(side: Side) -> str:
 
 
 def report(sets: dict[str, tuple[dict[str, dict[str, int]], Path]], comparisons: list[tuple[str, Side, Side]],
-           out_dir: Path) -> dict[str, dict[str, float]]:
-    """sets: name -> (qrels, folder of its run files). Comparisons whose run files are missing are listed, not run."""
+           out_dir: Path, seed: int | None = None) -> dict[str, dict[str, float]]:
+    """sets: name -> (qrels, folder of its run files). Comparisons whose run files are missing are listed, not run.
+    With `seed`, per_query.json is keyed by seed (experiments/proof_tables.py) and the other seeds in it are kept."""
     out, per_query = {}, {}
 
     def scores(name: str, side: Side) -> dict[str, float] | None:
@@ -45,6 +46,9 @@ def report(sets: dict[str, tuple[dict[str, dict[str, int]], Path]], comparisons:
         print(f"{what}: {r['mean_a']:.4f} -> {r['mean_b']:.4f}, {r['diff']:+.4f} "
               f"[{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}], p = {r['p_ttest']:.2g} (n={r['queries']})")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if seed is not None:
+        f = out_dir / "per_query.json"
+        per_query = {**(json.loads(f.read_text()) if f.exists() else {}), f"seed{seed}": per_query}
     for file, obj in (("paired.json", out), ("per_query.json", per_query)):
         tmp = out_dir / f".{file}.tmp"
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=file == "per_query.json") + "\n")

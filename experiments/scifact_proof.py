@@ -24,8 +24,9 @@ Training runs are real `torchrun` jobs of the trainer, up to `--jobs` at once (w
 `--deadline` skips what would start too late, so a fixed time slot ends with results rather than none.
 
 report: NDCG@10 per model and mode (mean over seeds, and per seed), paired tests per comparison on per-query
-NDCG@10 (seeds averaged per query; t-test and bootstrap), results.md, and every run's params and per-step metrics in
-one MLflow experiment (a parent run with a child per training run).
+NDCG@10 (seeds averaged per query; t-test and bootstrap), results.md, per_query.json keyed by seed (from which
+`python -m experiments.proof_tables <out>` rebuilds the pooled tables alone, once the run files are gone), and every
+run's params and per-step metrics in one MLflow experiment (a parent run with a child per training run).
 """
 
 from __future__ import annotations
@@ -335,9 +336,34 @@ def report(args) -> str:
     text = "\n".join(lines + tests + dev_curves(out))
     (out / "results.md").write_text(text + "\n")
     (out / "significance.json").write_text(json.dumps(stats, indent=1))
+    write_per_query(out, res, pq, choice)
     print(text)
     track(out, args)
     return text
+
+
+def write_per_query(out: Path, res: dict, pq, choice: str) -> None:
+    """per_query.json keyed by seed (experiments/proof_tables.py reads it and rebuilds the pooled tables): the chosen
+    teacher's stage 2 is `stage2`, another teacher's `stage2-<teacher>`; the seedless base goes into every seed."""
+    from experiments.proof_tables import render
+
+    by_seed: dict[str, dict[str, dict[str, float]]] = {}
+    seeds = sorted({t.rsplit("-seed", 1)[1] for t in res if "-seed" in t})
+    for tag, per_set in res.items():
+        prefix, seed = tag.rsplit("-seed", 1) if "-seed" in tag else (tag, None)
+        model = "stage2" if prefix == f"stage2-{choice}" else prefix
+        for s in (f"seed{seed}",) if seed is not None else tuple(f"seed{x}" for x in seeds):
+            for ds, r in per_set.items():
+                if not isinstance(r, dict):
+                    continue
+                for mode in ("retrieval", "listwise"):
+                    if mode in r:
+                        by_seed.setdefault(s, {})[f"{ds}.{model}.{mode}"] = pq(ds, tag, mode)
+                by_seed.setdefault(s, {})[f"{ds}.{model}.first_stage"] = pq(ds, "", "first_stage")
+    tmp = out / ".per_query.json.tmp"
+    tmp.write_text(json.dumps(by_seed, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out / "per_query.json")
+    (out / "tables.md").write_text(render(by_seed)[0])
 
 
 def dev_curves(out: Path) -> list[str]:

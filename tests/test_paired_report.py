@@ -33,3 +33,14 @@ def test_report_writes_paired_tests_and_per_query_scores(tmp_path, capsys):
     pq = json.loads((out / "per_query.json").read_text())
     assert set(pq) == {"toy.m.good", "toy.m.bad", "toy.m.first_stage"} and pq["toy.m.good"] == {q: 1.0 for q in QRELS}
     assert not list(out.glob(".*.tmp"))
+
+
+def test_report_with_a_seed_keys_per_query_scores_by_seed_and_keeps_other_seeds(tmp_path):
+    _runs(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "per_query.json").write_text(json.dumps({"seed0": {"toy.m.good": {"q0": 0.5}}}))
+    report({"toy": (QRELS, tmp_path)}, [("toy", ("m", "good"), ("m", "bad"))], out, seed=1)
+    pq = json.loads((out / "per_query.json").read_text())
+    assert set(pq) == {"seed0", "seed1"} and pq["seed0"] == {"toy.m.good": {"q0": 0.5}}
+    assert pq["seed1"]["toy.m.good"] == {q: 1.0 for q in QRELS}

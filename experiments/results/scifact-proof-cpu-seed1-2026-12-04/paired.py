@@ -1,6 +1,7 @@
 # Paired tests for seed 1 (stage 1: 2026-12-04, run.sh; stage 2: 2026-12-05, stage2.sh): SciFact test (300 queries)
 # and NovelEval (21 queries), from the run files run.sh, evals.sh and stage2.sh had trainer.evaluate write under
-# runs/cpuproof/test-seed1. Writes paired.json and per_query.json here (experiments/paired_report.py).
+# runs/cpuproof/test-seed1. Writes paired.json and per_query.json here (experiments/paired_report.py); the tables of
+# the README then come from per_query.json alone: python -m experiments.proof_tables <this folder>.
 # Run from the repository root after `. .venv/bin/activate`: PYTHONPATH=. python <this file>.
 from pathlib import Path
 
@@ -26,4 +27,4 @@ comparisons = [("scifact", S1R, ("stage1", "first_stage")),
                ("noveleval", S2R, ("base", "retrieval")),
                ("noveleval", S2L, S2R),
                ("noveleval", S2L, ("stage2", "first_stage"))]
-report(sets, comparisons, Path(__file__).parent)
+report(sets, comparisons, Path(__file__).parent, seed=1)  # per_query.json keyed by seed
