@@ -189,3 +189,69 @@ def save(obj: Any, path: str | Path) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
     tmp.replace(p)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its comment}: the trailing `# ...` of the field's line, else the comment lines just above it."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out, above, line_field = {}, [], {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if tok.start[0] in line_field:  # trailing comment of a field line
+                out.setdefault(line_field[tok.start[0]], text)
+            else:
+                above.append(text)
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+            if above:
+                out[tok.string] = " ".join(above)
+            above = []
+        elif tok.type == tokenize.NEWLINE:
+            pass
+        elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT) and tok.start[1] == 4:
+            above = []  # a comment block belongs to the next field only
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    s = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
+    return s or str(tp).replace("typing.", "")
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every leaf field of a config dataclass as (dotted key, type, default, description), nested ones flattened."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        rows.append((prefix + f.name, _type_name(tp), json.dumps(default) if default != "(required)" else default,
+                     comments.get(f.name, "")))
+    return rows
+
+
+def help_text(cls: type) -> str:
+    """The `--help` epilog of a config-driven CLI: every key=value it accepts, read from the dataclasses."""
+    rows = describe(cls)
+    width = max(len(r[0]) for r in rows)
+    lines = ["config keys (key=value overrides; YAML recipes use the same nesting):"]
+    for key, tp, default, doc in rows:
+        first = doc.split(". ")[0].rstrip(".")  # one line: the comment's first sentence
+        lines.append(f"  {key.ljust(width)}  {tp} = {default}" + (f"\n  {' ' * width}    {first}" if doc else ""))
+    return "\n".join(lines)

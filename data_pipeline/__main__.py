@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.typed_config import ConfigError, load
+from common.typed_config import ConfigError, help_text, load
 
 from .config import PipelineConfig
 from .job import PipelineError, run
@@ -18,7 +18,8 @@ def teacher_main(argv: list[str]) -> int:
     from .teacher import run as run_teacher
 
     ap = argparse.ArgumentParser(prog="python -m data_pipeline teacher", description=(
-        "Graded listwise slates from a BEIR split's qrels, ordered inside each grade by BM25, a model or both (Ray Data)."))
+        "Graded listwise slates from a BEIR split's qrels, ordered inside each grade by BM25, a model or both (Ray Data)."),
+        epilog=help_text(TeacherConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML recipe")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. beir=DIR output=slates.jsonl order=fusion")
     args = ap.parse_args(argv)
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m data_pipeline",
         description="Validate, shard and pre-tokenize a contrastive or listwise corpus into WebDataset tars.",
+        epilog=help_text(PipelineConfig) + "\n\nsubcommands: teacher (graded listwise slates), verify DIR (shards "
+        "against their manifest); each has --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--config", help="YAML recipe (see recipes/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output=runs/shards inputs=[a.jsonl]")

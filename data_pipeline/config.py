@@ -15,21 +15,21 @@ RUNTIME_ONLY = ("inputs", "output", "num_workers", "ray_address", "progress", "o
 
 @dataclass
 class PipelineConfig:
-    kind: Literal["contrastive", "listwise"] = "contrastive"
+    kind: Literal["contrastive", "listwise"] = "contrastive"  # stage-1 records (query, pos, negs) or stage-2 slates
     inputs: list[str] = field(default_factory=list)  # files or folders of .jsonl / .parquet
-    output: str = ""
-    samples_per_shard: int = 1000
+    output: str = ""  # the shard folder (WebDataset tars + manifest.json); written under a temporary name first
+    samples_per_shard: int = 1000  # samples per WebDataset tar
     tokenization: TokenizationConfig = field(default_factory=TokenizationConfig)
     instructions: str | None = None  # YAML table; None = data_pipeline/instructions.yaml
     allow_unknown_sources: bool = False  # False: a record whose source is not in the table is quarantined
-    max_record_bytes: int = 1 << 20
+    max_record_bytes: int = 1 << 20  # a longer input line is quarantined unparsed
     max_bad_fraction: float = 0.05  # the job fails (no manifest) when more records than this are bad
     min_negatives: int = 0  # contrastive: records with fewer hard negatives are quarantined
     shuffle_candidates: bool = True  # listwise: shuffle each slate (seeded) so position cannot leak the label
-    seed: int = 0
+    seed: int = 0  # candidate shuffling of listwise slates
     num_workers: int = 2  # tokenizer actors
     ray_address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else an embedded local Ray
-    progress: bool = True
+    progress: bool = True  # progress bars (tqdm)
     overwrite: bool = False  # rebuild an output folder that holds shards of another config
 
     def validate(self) -> None:

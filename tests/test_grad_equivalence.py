@@ -46,15 +46,33 @@ def global_batch(stage: int, b: int = 4, g: int = 3, seed: int = 0) -> dict:
     return batch
 
 
+def halves(batch: dict) -> list[dict]:
+    """The two ranks' slices of a global batch (tests/scripts/grad_equiv.py local_slice)."""
+    b, g = batch["query_input_ids"].shape[0] // 2, batch["docs_per_query"]
+    out = []
+    for r in (0, 1):
+        half = {"docs_per_query": g}
+        for k, v in batch.items():
+            if k in ("doc_input_ids", "doc_attention_mask", "doc_hash"):
+                half[k] = v[r * b * g:(r + 1) * b * g]
+            elif torch.is_tensor(v):
+                half[k] = v[r * b:(r + 1) * b]
+        out.append(half)
+    return out
+
+
 @pytest.mark.parametrize("stage, zero, mode", [(1, 3, "padded"), (2, 3, "padded"), (1, 2, "padded"),
                                                (1, 3, "chunked"), (2, 3, "chunked"), (1, 3, "cached"), (2, 3, "cached"),
                                                (1, 3, "packed"), (2, 3, "packed"), (2, 3, "packed-cached"),
-                                               (1, 3, "persist")])
+                                               (1, 3, "persist"), (1, 3, "local"), (2, 3, "local"),
+                                               (2, 3, "local-cached")])
 def test_sharded_gradients_equal_single_process(tmp_path, stage, zero, mode):
     """padded: one forward per field; chunked: length-grouped chunks (chunk counts agreed across ranks);
     cached: GradCache (graph-free embeddings, loss, then chunk-by-chunk re-encoding with cached gradients);
     packed: each chunk one unpadded row with block-diagonal causal attention; persist: ZeRO-3 with every tensor
-    whole on every rank (no gathers). The reference is always one process on the padded batch."""
+    whole on every rank (no gathers); local: loss.negatives_cross_device=false, each rank's queries against its own
+    candidates only. The reference is always one process on the padded batch (local: the mean of the two halves'
+    losses, each half alone)."""
     require_netns()
     model = make_tiny_model(tmp_path / "tiny")
     batch = global_batch(stage)
@@ -65,9 +83,15 @@ def test_sharded_gradients_equal_single_process(tmp_path, stage, zero, mode):
     sharded = torch.load(tmp_path / "grads.pt")
 
     enc = Encoder(AutoModel.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32), "last")
-    terms = compute(enc, batch, stage, LossConfig())  # one process, the whole batch, no gathering
-    terms["loss"].backward()
-    assert sharded["loss"].item() == pytest.approx(terms["loss"].item(), rel=1e-5)
+    if mode.startswith("local"):  # each half scored alone; DeepSpeed averages the ranks' gradients
+        loss = sum(compute(enc, half, stage, LossConfig(negatives_cross_device=False))["loss"]
+                   for half in halves(batch)) / 2
+        whole = compute(enc, batch, stage, LossConfig())["loss"].detach()
+        assert abs(whole.item() - loss.item()) > 1e-4  # the two settings differ on this batch
+    else:
+        loss = compute(enc, batch, stage, LossConfig())["loss"]  # one process, the whole batch, no gathering
+    loss.backward()
+    assert sharded["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     for name, p in enc.named_parameters():
         ref, got = p.grad, sharded["grads"][name]
         assert got.shape == ref.shape, name

@@ -188,18 +188,39 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
     uri = f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}"
     assert out.count("mlflow ui --backend-store-uri") == 1 and uri in out
     client = MlflowClient(tracking_uri=uri)
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("e2rank").experiment_id])}
+    all_runs = client.search_runs([client.get_experiment_by_name("e2rank").experiment_id])
+    runs = {r.info.run_name: r for r in all_runs if r.info.run_name != "evaluation"}
     assert set(runs) == {"stage1", "stage2"}
     s1, s2 = runs["stage1"], runs["stage2"]
+    # each export's evaluation: a run nested under its training run (trainer/eval_tracking.py), and its model card
+    evals = {r.data.tags["mlflow.parentRunId"]: r for r in all_runs if r.info.run_name == "evaluation"}
+    assert set(evals) == {s1.info.run_id, s2.info.run_id}
+    m = evals[s2.info.run_id].data.metrics
+    assert m["demo.listwise.ndcg_at_10"] == pytest.approx(res["stage 2"]["listwise"]["NDCG@10"])
+    assert {"demo.retrieval.mrr_at_10", "demo.retrieval.recall_at_100"} <= set(m)
+    arts = {a.path for a in client.list_artifacts(evals[s2.info.run_id].info.run_id)}
+    assert {"paired_tests.json", "runs", "results"} <= arts
+    card = (tmp_path / "demo" / "stage2" / "export" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "| stage 2 listwise vs BM25 |" in card
+    assert card.count("| 1 | 3 |") == 1 and card.count("| 2 | 3 |") == 1  # both stages, 3 steps each, in the lineage
+    assert f"{res['stage 2']['listwise']['NDCG@10']:.4f}" in card
     assert s2.data.tags["mlflow.parentRunId"] == s1.info.run_id == s2.data.tags["e2rank.init_run_id"]
     for r in (s1, s2):
         assert client.get_metric_history(r.info.run_id, "loss") and r.data.params["stage"] in ("1", "2")
-        assert {"config.yaml", "data_manifest.json", "export"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "data_manifest.json"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+    import mlflow
+
     from trainer.reranker import Reranker
 
-    rer = Reranker.from_pretrained(f"runs:/{s2.info.run_id}/export", tracking_uri=uri)
+    rer = Reranker.from_pretrained(f"runs:/{s2.info.run_id}/model", tracking_uri=uri)
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    assert rer.embed_queries(["a question"], "Given a question").shape[0] == 1
+    q = rer.embed_queries(["a question"], "Given a query, retrieve documents that are relevant to the query")
+    # the logged model (trainer/mlflow_model.py) predicts the same query embedding
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):  # this call only: later tests' subprocesses must not inherit it
+        got = mlflow.pyfunc.load_model(f"runs:/{s2.info.run_id}/model").predict(["a question"], params={"kind": "query"})
+    assert float((got @ q.T).item()) > 0.9999
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
                 and "raylet" in " ".join(p.info["cmdline"] or [])]  # everything it started, it stopped
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,15 @@ def test_export_loads_with_plain_automodel_and_matches_the_engine(full_run):
     base = AutoModel.from_pretrained(out.parent / "tiny").eval()
     with torch.no_grad():
         assert not torch.allclose(embed(base, probe["input_ids"], probe["attention_mask"], "last"), emb, atol=1e-3)
+    # the same export through sentence-transformers (trainer/st_export.py): the probe's embeddings from its own tokens
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out / "export"), device="cpu")
+    ids = probe["input_ids"][0][probe["attention_mask"][0].bool()]
+    text = st[0].tokenizer.decode(ids[:-1])
+    assert st.preprocess([text])["input_ids"][0].tolist() == ids.tolist()
+    got = torch.from_numpy(st.encode([text]))
+    assert torch.nn.functional.cosine_similarity(got, emb[:1].float()).item() > 0.9999
 
 
 def test_each_step_logs_the_lr_it_used(full_run):
@@ -99,7 +109,8 @@ def test_stage2_trains_with_ranknet(setup):
     assert (out / "export" / "config.json").is_file()
 
 
-def test_mlflow_server_over_http(setup, tmp_path):
+def test_mlflow_server_over_http(setup, tmp_path, monkeypatch):
+    """Metrics, and the export as a registered MLflow model, through a real `mlflow server` on 127.0.0.1."""
     require_netns()
     port = free_port()
     srv = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -117,15 +128,26 @@ def test_mlflow_server_over_http(setup, tmp_path):
 
         wait_for(up, 90, "mlflow server did not come up")
         out = tmp_path / "run"
-        r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=2", "run.export=false"),
+        r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=2", "run.save_every=2",
+                               "tracking.register_as=e2rank-tiny"),
                      env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
         assert r.returncode == 0, r.stderr[-3000:]
+        import mlflow
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{port}"
+        client = MlflowClient(tracking_uri=url)
         run = client.search_runs([client.get_experiment_by_name("e2rank").experiment_id])[0]
         assert len(client.get_metric_history(run.info.run_id, "infonce")) == 2
         assert not (out / "mlflow.db").exists()
+        assert f"MLflow model: runs:/{run.info.run_id}/model, models:/e2rank-tiny/1" in r.stdout + r.stderr
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # this process only; restored after the test
+        from trainer.reranker import Reranker
+
+        texts = ["a short document", "another one, a little longer than the first"]
+        want = Reranker.from_pretrained(out / "export").embed(texts)
+        for uri in (f"runs:/{run.info.run_id}/model", "models:/e2rank-tiny/1"):
+            assert np.allclose(mlflow.pyfunc.load_model(uri).predict(texts), want, atol=1e-5)
     finally:
         kill_group(srv)
 

@@ -90,3 +90,24 @@ def test_train_config_rejects_impossible_values():
         load(TrainConfig, None, ["model.path=/m", "run.output_dir=/o"])
     with pytest.raises(ConfigError, match="deepspeed.zero_stage: 4 is not one of"):
         load(TrainConfig, None, base + ["deepspeed.zero_stage=4"])
+
+
+@pytest.mark.parametrize("module, cls_path", [("trainer", "trainer.config.TrainConfig"),
+                                              ("data_pipeline", "data_pipeline.config.PipelineConfig"),
+                                              ("data_pipeline teacher", "data_pipeline.teacher.TeacherConfig")])
+def test_help_lists_every_config_field_with_type_default_and_description(module, cls_path):
+    """--help is built from the dataclasses (common/typed_config.py describe), so it cannot drift from them; a new
+    field without a comment fails here."""
+    import importlib
+    import subprocess
+    import sys
+
+    from common.typed_config import describe
+
+    mod, name = cls_path.rsplit(".", 1)
+    rows = describe(getattr(importlib.import_module(mod), name))
+    assert [r[0] for r in rows if not r[3]] == []  # every field says what it is for
+    out = subprocess.run([sys.executable, "-m", *module.split(), "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    for key, tp, default, _ in rows:
+        assert f"  {key} " in out and f"{tp} = {default}" in out, key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.typed_config import ConfigError, load
+from common.typed_config import ConfigError, help_text, load
 from data_pipeline.instructions import InstructionError
 from data_pipeline.shards import ShardFormatError
 
@@ -21,7 +21,8 @@ USER_ERRORS = (ConfigError, PreflightError, LoaderError, ShardFormatError, Instr
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer", description="Train an E2Rank model (stage 1 or 2).")
+    ap = argparse.ArgumentParser(prog="python -m trainer", description="Train an E2Rank model (stage 1 or 2).",
+                                 epilog=help_text(TrainConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML recipe (see recipes/)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.max_steps=10")

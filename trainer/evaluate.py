@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="model")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="inference precision; auto = bf16 where the hardware has it (GPU, AMX/AVX512-BF16 CPUs)")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow store for the evaluation run (default: the one the "
+                    "export's e2rank.json names); the run is nested under the export's training run")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
+    ap.add_argument("--no-card", action="store_true", help="leave the export's model card (README.md) as it is")
     args = ap.parse_args(argv)
     needs_model = set(args.modes) - {"first_stage"}
     if needs_model and not args.model:
@@ -78,6 +82,16 @@ def main(argv=None) -> int:
         res["dtype"] = str(model.dtype).replace("torch.", "")
         res["query_format"] = model.query_format
     print(json.dumps(res, indent=1))
+    export = Path(args.model) if model is not None and not args.base else None
+    if export is not None and (export / "e2rank.json").is_file():  # a local export: its run and its card
+        from .eval_tracking import record
+        from .evaluation import run_file
+
+        runs = [run_file(Path(args.out), es.name, args.tag, m) for m in args.modes]
+        rid = record(export, {es.name: res}, runs, tracking_uri=args.tracking_uri, card=not args.no_card,
+                     mlflow=not args.no_mlflow)
+        if rid:
+            print(f"[eval] logged to MLflow run {rid} (nested under the export's training run)", file=sys.stderr)
     return 0
 
 

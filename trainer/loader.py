@@ -29,13 +29,13 @@ class LoaderError(ValueError):
 @dataclass
 class LoaderConfig:
     batch_size: int = 8  # queries per rank per micro-step
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     same_source: bool = False  # every global batch (all ranks, all accumulation steps) from one source
     negatives_per_query: int = 1  # contrastive: hard negatives drawn per query and epoch
     slate_size: int = 0  # listwise: candidates per query; 0 = the largest slate in the shards
-    pad_to_multiple_of: int = 8
-    num_workers: int = 0
-    seed: int = 0
+    pad_to_multiple_of: int = 8  # padded lengths rounded up to this (tensor-core friendly shapes)
+    num_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
+    seed: int = 0  # the data order: samples permuted from (seed, epoch)
     verify_checksums: bool = True  # sha256 of each shard against the manifest the first time a process opens it
     # Streaming (trainer/stream.py), for clusters without a shared filesystem: each shard's URL, `{name}` the
     # manifest's shard name, e.g. "https://host/shards/{name}" or "pipe:aws s3 cp s3://bucket/shards/{name} -".

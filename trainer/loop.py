@@ -24,6 +24,7 @@ from data_pipeline.text import TextEncoder, TokenizationConfig
 
 from . import checkpoint as C
 from . import distributed as D
+from . import model_card
 from .chunking import ChunkStats
 from .config import TrainConfig
 from .flops import attention_shape, step_flops
@@ -290,7 +291,7 @@ class Trainer:
         g = self.loader.slate_size if cfg.stage == 2 else 1 + cfg.loader.negatives_per_query
         self.info = {"stage": cfg.stage, "world_size": self.world, "backend": self.backend, "attention": self.attn,
                      "dtype": self.prec.name, "zero_stage": self.zero.stage,
-                     "negatives_per_query": cfg.loader.batch_size * self.world * g - 1, "params": self.n_params,
+                     "negatives_per_query": cfg.loader.batch_size * (self.world if cfg.loss.negatives_across_ranks(cfg.stage) else 1) * g - 1, "params": self.n_params,
                      "global_batch": cfg.loader.batch_size * self.world * cfg.loader.grad_accum,
                      "grad_cache": cfg.encode.grad_cache, "chunk_tokens": cfg.encode.chunk_tokens,
                      "memory_estimate_gb": round(self.memory.total / GB, 2), "cpu_allocator": cfg.run.cpu_allocator if self.malloc_set else "default",
@@ -520,9 +521,12 @@ class Trainer:
         result = {"step": self.step, "run_id": self.tracker.run_id, "info": self.info}
         final = C.latest(self.ckpt_dir)
         if self.step >= self.max_steps and cfg.run.export and final:
-            run = {"mlflow_run_id": self.tracker.run_id, "tracking_uri": getattr(self.tracker, "uri", None)}
+            run = {"mlflow_run_id": self.tracker.run_id, "tracking_uri": getattr(self.tracker, "uri", None),
+                   "steps": self.step}
             result["export"] = str(_export(self.engine, cfg, self.plan, self.ckpt_dir, final, self.out, run))
             self.tracker.tag("export", result["export"])
+            if cfg.tracking.log_model:
+                result["model_uri"] = self.tracker.model(Path(result["export"]), cfg.tracking.register_as)
             if cfg.tracking.log_export:
                 self.tracker.artifact_dir(Path(result["export"]), "export")
         self.tracker.close()
@@ -581,10 +585,13 @@ def _export(engine, cfg: TrainConfig, plan: Plan, ckpt_dir: Path, tag: str, out:
     export_dir = out / "export"
     if D.is_main():
         mf = plan.manifest["config"]["tokenization"]
+        base, earlier = model_card.lineage(plan.model_path)
+        data = model_card.data_summary(plan.manifest, (Path(cfg.shards) / "manifest.json").read_bytes())
         info = {"pooling": cfg.model.pooling, "normalize": True, "text_format": mf, "eos_id": plan.manifest["tokenizer"]["eos_id"],
                 "tokenizer_fingerprint": plan.fingerprint, "stage": cfg.stage, "checkpoint": str(ckpt_dir / tag),
+                "base_model": cfg.model.path if not earlier else base, "data": data, "previous_stages": earlier,
                 **(run or {})}
-        C.export(ckpt_dir, tag, plan.model_path, plan.model_path, export_dir, info)
+        C.export(ckpt_dir, tag, plan.model_path, plan.model_path, export_dir, info, card_config=to_dict(cfg))
         torch.save({"input_ids": probe["doc_input_ids"], "attention_mask": probe["doc_attention_mask"], "embeddings": emb},
                    out / "probe_embeddings.pt")
     D.barrier()

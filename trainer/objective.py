@@ -38,7 +38,9 @@ def embed_batch(encode: Encode, batch: dict[str, Any], stage: int, chunk_tokens:
 
 def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, cfg: LossConfig) -> dict[str, torch.Tensor]:
     q, d = emb["query"], emb["doc"]
-    rank, _ = D.world()
+    across = cfg.negatives_across_ranks(stage)
+    gather_grad, gather = (D.gather_with_grad, D.gather_no_grad) if across else (lambda t: t, lambda t: t)
+    rank = D.world()[0] if across else 0  # where this rank's candidates start in the scored set
     b, g = q.shape[0], batch["docs_per_query"]
     local = torch.arange(b, device=q.device)
     if stage == 1:
@@ -47,9 +49,9 @@ def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, 
     else:
         top1 = batch["ranking"][:, 0].to(q.device)  # InfoNCE positive in stage 2: the teacher's top-1
         pos = (rank * b + local) * g + top1
-        valid = D.gather_no_grad(batch["cand_mask"].reshape(-1).to(q.device))
-    docs_all = D.gather_with_grad(d)
-    hashes = D.gather_no_grad(batch["doc_hash"].to(q.device)) if cfg.mask_false_negatives else None
+        valid = gather(batch["cand_mask"].reshape(-1).to(q.device))
+    docs_all = gather_grad(d)
+    hashes = gather(batch["doc_hash"].to(q.device)) if cfg.mask_false_negatives else None
     nce = info_nce(q, docs_all, pos, temperature=cfg.temperature, valid=valid, doc_hash=hashes, margin=cfg.margin_mask)
     out = {"infonce": nce.loss, "accuracy": nce.accuracy, "masked_negatives": nce.masked.float()}
     if stage == 2:

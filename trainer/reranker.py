@@ -78,13 +78,31 @@ class Reranker:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tracking_uri: str | None = None, **kw) -> Reranker:
-        """An export written by the trainer (it holds e2rank.json: pooling and text format): a folder, or an MLflow
-        artifact URI such as `runs:/<run_id>/export`, downloaded from `tracking_uri` (default: MLFLOW_TRACKING_URI)."""
+        """An export written by the trainer (it holds e2rank.json: pooling and text format): a folder, an MLflow model
+        the trainer logged (`runs:/<run_id>/model`, `models:/<name>/<version>`) or another artifact URI, downloaded
+        from `tracking_uri` (default: MLFLOW_TRACKING_URI).
+
+        The same export in sentence-transformers (trainer/st_export.py), for the retrieval mode:
+            SentenceTransformer(folder).encode(documents); .encode_query(queries, prompt_name="scifact")
+        The listwise (PRF prompt) mode is here: rerank(query, documents, instruction), or embed_prompts(...)."""
         if str(path).startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
             import mlflow
 
-            path = mlflow.artifacts.download_artifacts(artifact_uri=str(path), tracking_uri=tracking_uri)
+            from contextlib import nullcontext
+
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+            # MLflow 3 resolves runs:/<id>/<model name> through the logged-model search of the *current* store, not
+            # the tracking_uri argument: use that store for the call only (nothing leaks to later MLflow use)
+            with _use_tracking_uri(tracking_uri) if tracking_uri else nullcontext():
+                path = mlflow.artifacts.download_artifacts(artifact_uri=str(path), tracking_uri=tracking_uri)
         p = Path(path)
+        if (p / "MLmodel").is_file():  # an MLflow model the trainer logged (trainer/mlflow_model.py): its export
+            import yaml
+
+            arts = yaml.safe_load((p / "MLmodel").read_text())["flavors"]["python_function"].get("artifacts", {})
+            if "export" in arts:
+                p = p / arts["export"]["path"]
         info_path = p / EXPORT_INFO
         if not info_path.is_file():
             raise NotAnExport(

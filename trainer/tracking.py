@@ -83,6 +83,22 @@ class Tracker:
         if self.enabled and path.is_dir():
             self._call("log_artifacts", str(path), artifact_path=name)
 
+    def model(self, export: Path, register_as: str = "") -> str | None:
+        """The export as this run's MLflow model `model` (registered when `register_as`); its URI, or None."""
+        if not (self.enabled and self.ok):
+            return None
+        try:
+            from .mlflow_model import log as log_model
+
+            info = log_model(export, register_as)
+        except Exception as e:
+            log.warning("logging %s as an MLflow model failed (%s); the folder is still there", export, e)
+            return None
+        where = f"runs:/{self.run_id}/model" + (f", models:/{register_as}/{info.registered_model_version}"
+                                                 if register_as else "")
+        log.info("MLflow model: %s (mlflow.pyfunc.load_model)", where)
+        return f"runs:/{self.run_id}/model"
+
     def tag(self, key: str, value: str) -> None:
         if self.enabled:
             self._call("set_tag", key, value)

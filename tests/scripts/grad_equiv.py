@@ -18,7 +18,9 @@ from trainer.zero import client_optimizer, make_optimizer, reduce_once
 
 model_path, batch_path, stage, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 # padded | chunked | cached | packed | packed-cached | persist (chunked, every ZeRO-3 tensor persistent)
+# | local | local-cached (loss.negatives_cross_device=false: each rank scores its own candidates only)
 mode = sys.argv[6] if len(sys.argv) > 6 else "padded"
+LOSS = LossConfig(negatives_cross_device=not mode.startswith("local"))
 bf16 = len(sys.argv) > 7 and sys.argv[7] == "bf16"  # the model and DeepSpeed in bf16, as model.dtype=bf16 trains
 CHUNK = 16  # tokens per forward: 1-2 sequences, so the ranks' chunk counts differ and must be agreed
 
@@ -55,7 +57,7 @@ engine, *_ = deepspeed.initialize(model=enc, model_parameters=params, config=cfg
                                   optimizer=make_optimizer(tc, params) if client_optimizer(tc) else None)
 if mode.endswith("cached"):
     step = CachedStep(engine, CHUNK)
-    terms = step.forward(batch, stage, LossConfig())
+    terms = step.forward(batch, stage, LOSS)
 
     def backward(surrogate, last):
         engine.set_gradient_accumulation_boundary(last)
@@ -64,7 +66,7 @@ if mode.endswith("cached"):
     with reduce_once(engine, 2):  # the trainer's: one gradient reduction for all chunk backwards
         step.backward(backward)
 else:
-    terms = compute(engine, batch, stage, LossConfig(), chunk_tokens=0 if mode == "padded" else CHUNK)
+    terms = compute(engine, batch, stage, LOSS, chunk_tokens=0 if mode in ("padded", "local") else CHUNK)
     engine.backward(terms["loss"])
 grads = {n: safe_get_full_grad(p).detach().float().clone() for n, p in engine.module.named_parameters()}
 loss = D.mean_across(terms["loss"])
