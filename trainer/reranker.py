@@ -86,10 +86,9 @@ class Reranker:
             SentenceTransformer(folder).encode(documents); .encode_query(queries, prompt_name="scifact")
         The listwise (PRF prompt) mode is here: rerank(query, documents, instruction), or embed_prompts(...)."""
         if str(path).startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-            import mlflow
-
             from contextlib import nullcontext
 
+            import mlflow
             from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
             # MLflow 3 resolves runs:/<id>/<model name> through the logged-model search of the *current* store, not
