@@ -1,5 +1,7 @@
 """A real Ray head on 127.0.0.1 (`ray start --head --block`) in its own process group, for the main job and the
-tests: started, waited for until its job agent runs a job, and stopped by process group."""
+tests: token authentication on with a token of its own (common/ray_auth.py), started, waited for until its job
+agent runs a job, and stopped by process group. Talk to it with `env` (subprocesses: `ray job submit`) or
+`headers` (the job submission SDK)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from .net import free_port
 from .procs import kill_tree
+from .ray_auth import bearer, child_env, token_dir, write_token
 
 
 def ray_temp_dir() -> str:
@@ -32,9 +35,13 @@ class RayHead:
                # own agent / client ports: another Ray on the machine (an embedded one) may hold the defaults
                "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
                "--temp-dir", self.temp]
+        self.token_path = write_token(token_dir())  # a 0700 folder of its own, the file 0600
+        self.env = child_env(self.token_path)  # for processes that submit to it (and the head itself)
+        self.headers = bearer(self.token_path)
         self.log_path = Path(log)
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=self.env)
         self.url = f"http://127.0.0.1:{self.dash}"
 
     def wait(self, timeout: float = 240) -> None:
@@ -46,14 +53,14 @@ class RayHead:
         job = None
         while job is None:
             try:
-                urllib.request.urlopen(self.url + "/api/version", timeout=2).read()
-                job = JobSubmissionClient(self.url).submit_job(entrypoint="true")
+                urllib.request.urlopen(self.url + "/api/gcs_healthz", timeout=2).read()  # public: no token needed
+                job = JobSubmissionClient(self.url, headers=self.headers).submit_job(entrypoint="true")
             except (OSError, RuntimeError, ConnectionError):
                 if self.proc.poll() is not None or time.time() > deadline:
                     tail = self.log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"the Ray head did not start; see {self.log_path}:\n{tail}") from None
                 time.sleep(1)
-        client = JobSubmissionClient(self.url)
+        client = JobSubmissionClient(self.url, headers=self.headers)
         while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             if time.time() > deadline:
                 raise RuntimeError("the Ray head's job agent did not run a no-op job in time")
@@ -63,3 +70,4 @@ class RayHead:
         kill_tree(self.proc)
         self.log.close()
         shutil.rmtree(self.temp, ignore_errors=True)
+        shutil.rmtree(self.token_path.parent, ignore_errors=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from common.ray_auth import ensure_local_token
 from common.ray_head import ray_temp_dir
 from common.typed_config import to_dict
 
@@ -166,10 +167,12 @@ def _ray_init(cfg: PipelineConfig):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        temp = ray_temp_dir()
+        ensure_local_token()  # token auth for the embedded instance too, with a token of its own
         ray.init(
             address="local",  # a fresh embedded instance, even if a cluster runs on this machine
             _node_ip_address="127.0.0.1",
-            _temp_dir=ray_temp_dir(),
+            _temp_dir=temp,
             num_cpus=max(cfg.num_workers, os.cpu_count() or 1),
             include_dashboard=False,
             object_store_memory=300 * 1024 * 1024,

@@ -52,11 +52,12 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def _run(cmd: list[str], log: Path, what: str, retries: int = 0) -> None:
+def _run(cmd: list[str], log: Path, what: str, retries: int = 0, env: dict[str, str] | None = None) -> None:
+    """`env`: the Ray head's (its token file's path, never the token: the printed command and logs hold no secret)."""
     print(f"[main] {what}:\n    {' '.join(cmd)}", flush=True)
     for attempt in range(retries + 1):
         with open(log, "a") as lf:
-            r = subprocess.run(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT)
+            r = subprocess.run(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT, env=env)
         if r.returncode == 0:
             return
         if attempt < retries:
@@ -133,12 +134,13 @@ def main(argv=None) -> int:
     head = RayHead(out / "ray-head.log")
     try:
         head.wait()
-        print(f"[main] Ray head on {head.url}", flush=True)
+        print(f"[main] Ray head on {head.url} (token authentication; the token is in a file only this user can read)",
+              flush=True)
         submit = [_bin("ray"), "job", "submit", "--address", head.url, "--working-dir", str(ROOT), "--"]
         _run(submit + ["python", "-m", "data_pipeline", "kind=listwise", f"inputs=[{out / 'corpus' / 'listwise.jsonl'}]",
                        f"output={out / 'shards-listwise'}", "samples_per_shard=100", "progress=false",
                        f"tokenization.tokenizer={resolve(args.model, weights=True)}", *tok],
-             log, "pre-tokenize the listwise corpus (Ray job)", retries=1)
+             log, "pre-tokenize the listwise corpus (Ray job)", retries=1, env=head.env)
         t1 = time.time()
         _run(submit + ["python", "launch/stage1.py", "--config", "recipes/launch-stage1-demo.yaml",
                        f"pipeline.inputs=[{out / 'corpus' / 'contrastive.jsonl'}]", f"train.shards={out / 'shards-contrastive'}",
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
                        *([f"train.loader.batch_size={args.stage1_batch}"] if args.stage1_batch else []),
                        f"train.deepspeed.zero_stage={args.zero_stage}", f"train.model.dtype={args.dtype}",
                        f"train.run.seed={args.seed}", f"train.loader.seed={args.seed}"],
-             log, f"stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-{args.zero_stage})")
+             log, f"stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-{args.zero_stage})", env=head.env)
         t2 = time.time()
     finally:
         head.stop()

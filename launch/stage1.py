@@ -78,6 +78,10 @@ def main(argv=None) -> int:
     from data_pipeline.job import PipelineError
     from data_pipeline.job import run as run_pipeline
 
+    if not os.environ.get("RAY_ADDRESS"):  # a local Ray of its own: token auth with a token of its own
+        from common.ray_auth import ensure_local_token
+
+        ensure_local_token()
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
     try:
         if cfg.pipeline.inputs:

