@@ -23,6 +23,11 @@ def test_ray_cluster_config():
     assert {"cluster_name", "provider", "available_node_types", "head_node_type"} <= set(c)
     assert c["head_node_type"] in c["available_node_types"]
     assert any(t["resources"].get("GPU", 0) > 0 for t in c["available_node_types"].values())
+    # token authentication on every node, the dashboard on the head's loopback only
+    starts = c["head_start_ray_commands"] + c["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in cmd for cmd in starts if "ray start" in cmd)
+    assert "--dashboard-host=127.0.0.1" in " ".join(c["head_start_ray_commands"]) and "0.0.0.0" not in str(c)
+    assert "/home/ray/.ray/auth_token" in c["file_mounts"]
     env = yaml.safe_load((C / "ray" / "runtime_env.yaml").read_text())
     assert set(env) <= {"env_vars", "excludes", "pip", "working_dir"} and ".venv/" in env["excludes"]
     assert all(isinstance(v, str) for v in env["env_vars"].values())
@@ -31,6 +36,7 @@ def test_ray_cluster_config():
 def test_kuberay_manifests():
     rc = yaml.safe_load((C / "k8s" / "raycluster.yaml").read_text())
     assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
+    assert rc["spec"]["authOptions"] == {"mode": "token"}
     assert rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
     gpu = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(gpu["nvidia.com/gpu"]) > 0
@@ -78,3 +84,12 @@ def test_gpu_container_is_pinned():
     d = (C / "docker" / "Dockerfile.gpu").read_text()
     assert d.startswith("#") and "\nFROM nvidia/cuda:" in d
     assert "torch==2.13.0" in d and "flash-attn==2.8.3.post2" in d and 'pip install -e ".[dev]"' in d
+
+
+def test_slurm_ray_head_has_a_job_token_and_a_loopback_dashboard():
+    sb = (C / "slurm" / "stage1.sbatch").read_text()
+    assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=" in sb and "umask 077" in sb
+    assert "--dashboard-host=127.0.0.1" in sb and "http://127.0.0.1:8265" in sb
+    assert "RAY_AUTH_TOKEN=" not in sb  # the path travels, never the token
+    r = subprocess.run(["bash", "-n", str(C / "slurm" / "stage1.sbatch")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -92,7 +92,13 @@ def record(export: Path, results: dict[str, dict[str, Any]], artifacts: list[Pat
             if Path(a).is_file():
                 client.log_artifact(rid, str(a), "runs")
         client.set_terminated(rid)
-    except Exception as e:  # the numbers are on disk already; the store is a convenience
+    except Exception as e:  # the numbers are on disk already; an unreachable store costs a warning
+        if re.search(r"\b(401|403)\b|UNAUTHENTICATED|PERMISSION_DENIED", str(e)):
+            from .tracking import TrackingAccessError
+
+            raise TrackingAccessError(f"MLflow at {uri} refused the evaluation run ({str(e)[:200]}): set "
+                                      "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the results are in "
+                                      "the output folder)") from None
         log.warning("evaluation of %s not logged to MLflow at %s: %s", export, uri, e)
         return None
     log.info("evaluation logged to MLflow run %s (parent %s)", rid, parent)

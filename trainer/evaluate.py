@@ -88,8 +88,14 @@ def main(argv=None) -> int:
         from .evaluation import run_file
 
         runs = [run_file(Path(args.out), es.name, args.tag, m) for m in args.modes]
-        rid = record(export, {es.name: res}, runs, tracking_uri=args.tracking_uri, card=not args.no_card,
-                     mlflow=not args.no_mlflow)
+        from .tracking import TrackingAccessError
+
+        try:
+            rid = record(export, {es.name: res}, runs, tracking_uri=args.tracking_uri, card=not args.no_card,
+                         mlflow=not args.no_mlflow)
+        except TrackingAccessError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if rid:
             print(f"[eval] logged to MLflow run {rid} (nested under the export's training run)", file=sys.stderr)
     return 0

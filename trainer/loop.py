@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -72,6 +73,12 @@ class PhaseClock:
 def preflight(cfg: TrainConfig, world_size: int) -> Plan:
     """Checks that need no process group, changing nothing: model path, shards vs tokenizer, batch divisibility.
     Returns what they resolved (the model folder, the manifest, read once per run, and the tokenizer fingerprint)."""
+    from .tracking import TrackingAccessError, check_access
+
+    try:  # every rank asks, so every rank stops alike (no rank left waiting at a collective)
+        check_access(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    except TrackingAccessError as e:
+        raise PreflightError(f"tracking: {e}") from e
     try:
         model_path = str(resolve(cfg.model.path, weights=True))
     except (FileNotFoundError, ValueError) as e:
