@@ -241,3 +241,44 @@ def test_cli_first_stage_only_needs_no_model_and_reports_progress(tiny, tmp_path
         assert f"[eval data] {phase}" in r.stderr, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["relevance_threshold"]["grade"] == 1 and res["first_stage"]["MRR@10"] == pytest.approx(0.5)  # both at 2
+
+
+def test_cli_on_an_export_logs_a_nested_evaluation_run_and_fills_the_model_card(tiny, tmp_path):
+    """trainer/eval_tracking.py through the CLI: the export's e2rank.json names its training run and store."""
+    import shutil
+    from dataclasses import asdict
+
+    from mlflow.tracking import MlflowClient
+
+    from trainer import model_card
+    from trainer.st_export import add_to_export
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e2rank", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="stage2").info.run_id
+    export = tmp_path / "export"
+    shutil.copytree(tiny, export)
+    info = {"pooling": "last", "normalize": True, "stage": 2, "mlflow_run_id": parent, "tracking_uri": uri,
+            "text_format": asdict(TokenizationConfig(tokenizer=str(export), query_max_len=32, doc_max_len=32,
+                                                     prompt_max_len=384, prompt_doc_max_len=24))}
+    (export / "e2rank.json").write_text(json.dumps(info))
+    add_to_export(export)
+    model_card.write(export, info, {})
+    (tmp_path / "data").mkdir()
+    data, qrels = _rankgpt(tmp_path / "data", "str")
+    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--model", str(export), "--data", str(data),
+                        "--qrels", str(qrels), "--source", "msmarco", "--out", str(tmp_path / "o")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    runs = [x for x in client.search_runs([exp]) if x.info.run_name == "evaluation"]
+    assert len(runs) == 1 and runs[0].data.tags["mlflow.parentRunId"] == parent
+    assert runs[0].data.metrics["data.listwise.ndcg_at_10"] == pytest.approx(res["listwise"]["NDCG@10"])
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"results", "runs"}
+    card = (export / "README.md").read_text()
+    assert f"| data | 2 | listwise | {res['listwise']['NDCG@10']:.4f} |" in card and "Not evaluated yet" not in card
+    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--model", str(export), "--data", str(data),
+                        "--qrels", str(qrels), "--source", "msmarco", "--out", str(tmp_path / "o2"), "--no-mlflow",
+                        "--no-card"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and len([x for x in client.search_runs([exp]) if x.info.run_name == "evaluation"]) == 1
