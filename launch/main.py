@@ -32,7 +32,7 @@ from common.ray_head import RayHead  # noqa: E402
 from data_pipeline import demo_corpus  # noqa: E402
 
 # The demo's settings per backbone family (None: the recipes'). The decoder's were chosen on a dev world (the demo
-# generator with seed=1, other species; README "The main job with the decoder"), never on the held-out queries, and
+# generator with seed=1, other species; docs/proof-on-real-data.md "The main job with the decoder"), never on the held-out queries, and
 # over 2-4 training seeds: ZeRO-2 because ZeRO-3's parameter gathers over gloo double a CPU step; higher LRs because a
 # 2-core box gives few steps; 8 queries per rank in stage 1 and 50 stage-2 steps, where both seeds' dev curves got
 # there (with 4 queries and 30 steps one seed did and the other did not); 45 stage-1 steps (1.5 epochs), because

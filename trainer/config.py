@@ -52,7 +52,7 @@ class LossConfig:
 
     def negatives_across_ranks(self, stage: int) -> bool:
         """auto: on for stage 1 (E2Rank §3.2: in-batch negatives across devices); on for stage 2 as well, the
-        better of the two on the demo's dev world (experiments/results/stage2-negatives-dev-2026-12-07)."""
+        better of the two on the demo's dev world (experiments/results/stage2-negatives-cpu-2026-12-07)."""
         return True if self.negatives_cross_device == "auto" else bool(self.negatives_cross_device)
 
 
