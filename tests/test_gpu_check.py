@@ -1,5 +1,5 @@
 """The GPU check's CPU dry run (tiny Qwen3, short lengths): every configuration runs and reports its figures, so the
-one command prepared for a borrowed GPU is known to work before the GPU is there."""
+one command prepared for a GPU machine is known to work before the GPU is there."""
 
 from __future__ import annotations
 

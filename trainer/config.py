@@ -103,7 +103,7 @@ class RunConfig:
     global_batch_size: int = 0  # if set: loader.batch_size = global / (world x grad_accum), which must divide
     # >0: seconds from start for the whole run (steps, dev evaluations, save, export). From measured step and
     # evaluation times the run lowers max_steps, and the LR schedule's end with it, so it ends in time with a full
-    # decay rather than cut mid-schedule (a fixed GPU loan, a Slurm slot). It never raises max_steps.
+    # decay rather than cut mid-schedule (a fixed GPU time slot, a Slurm slot). It never raises max_steps.
     time_budget_s: float = 0.0
     # CPU: how freed activations are kept (trainer/memory.py set_cpu_allocator): reuse (fast: no page faults per
     # step), release (lowest RSS, each step faults its activations in again: a forward took 2x), default (glibc's)

@@ -1,4 +1,4 @@
-# Stage 2 continued on the CPU box (2026-11-29, session 10): 20 more steps from the 20-step stage-2 export, a new
+# Stage 2 continued on the CPU box (2026-11-29): 20 more steps from the 20-step stage-2 export, a new
 # 5-step warm-up and linear decay at the same peak LR, data order seed 1 (seed 0 would replay the first 20 steps'
 # slates first), dev NDCG@10 every 10 steps. Run from the repository root after `. .venv/bin/activate && . scripts/env.sh`.
 S2=runs/cpuproof/train/stage2-grades-lr0.0001-t0.05-seed0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NovelEval (21 queries, 20 candidates each) for the base model and the CPU exports (session 11), one at a time:
+# NovelEval (21 queries, 20 candidates each) for the base model and the CPU exports (2026-11-29), one at a time:
 # more20 = 20 + 20 stage-2 steps, s2k20 = the 20-step stage-2 export. Run from the repository root.
 cd /work/main; . .venv/bin/activate; . scripts/env.sh; export OMP_NUM_THREADS=1
 N=../shared/data/noveleval

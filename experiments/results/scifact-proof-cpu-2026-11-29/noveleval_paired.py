@@ -1,4 +1,4 @@
-# Paired tests on NovelEval (21 queries) of the CPU models (session 11). Run from the repository root after
+# Paired tests on NovelEval (21 queries) of the CPU models (2026-11-29). Run from the repository root after
 # `. .venv/bin/activate`; reads the run files trainer.evaluate wrote under runs/s11/noveleval.
 import json
 from pathlib import Path

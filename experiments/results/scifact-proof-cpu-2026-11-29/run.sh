@@ -11,7 +11,7 @@ python -m experiments.scifact_proof run --out runs/cpuproof --seeds 0 --nproc 2 
 OMP_NUM_THREADS=2 python -m experiments.prompt_size --out runs/cpuproof/prompt-size \
   --model runs/cpuproof/train/stage2-grades-lr0.0001-t0.05-seed0/export --dev runs/cpuproof/scifact-dev
 
-# 2026-11-29 (session 10) ablation: stage-2 slates in first-stage order (the BM25 top 16 in BM25 order, as the test
+# 2026-11-29 ablation: stage-2 slates in first-stage order (the BM25 top 16 in BM25 order, as the test
 # prompt holds its top 20) instead of shuffled with the relevant documents forced in; same stage-1 export, same seed
 # and schedule. `prepare` builds the extra slates and their unshuffled shards (about 20 s).
 python -m experiments.scifact_proof prepare --out runs/cpuproof

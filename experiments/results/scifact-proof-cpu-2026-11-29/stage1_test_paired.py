@@ -1,4 +1,4 @@
-# Paired tests of the CPU stage-1 export against the stage-2 exports on SciFact test (session 11). Run from the
+# Paired tests of the CPU stage-1 export against the stage-2 exports on SciFact test (2026-11-29). Run from the
 # repository root after `. .venv/bin/activate`; reads the run files under runs/ that trainer.evaluate wrote.
 import json
 from pathlib import Path
