@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def train(seed_dir: Path, seed: int) -> None:
                         "-m", "trainer", "--config", str(seed_dir / "stage2" / "config.yaml"),
                         f"run.output_dir={local}", "loss.negatives_cross_device=false",
                         "tracking.run_name=stage2-local"], cwd=ROOT, check=True,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def score(out: Path, seeds: list[int]) -> dict:

@@ -94,3 +94,14 @@ def ray_head(tmp_path_factory):
         yield head  # .url, and .env (its token file's path) for whatever submits to it
     finally:
         head.stop()
+
+
+def mlflow_training_run(folder: Path):
+    """A sqlite MLflow store in `folder` with one `stage2` run, as a training run leaves it: (client, experiment id,
+    run id, tracking URI)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e2rank", artifact_location=(folder / "art").as_uri())
+    return client, exp, client.create_run(exp, run_name="stage2").info.run_id, uri

@@ -15,7 +15,7 @@ from data_pipeline.instructions import InstructionTable
 from data_pipeline.job import run as run_pipeline
 from data_pipeline.shards import ShardReader, read_manifest
 from data_pipeline.text import TokenizationConfig
-from tests.conftest import ROOT, SHARED, write_jsonl
+from tests.conftest import ROOT, SHARED, mlflow_training_run, write_jsonl
 from tests.trainer_fixtures import make_tiny_model
 from trainer.evaluation import EvalSet, evaluate, load_beir, metrics
 from trainer.reranker import NotAnExport, Reranker
@@ -248,15 +248,10 @@ def test_cli_on_an_export_logs_a_nested_evaluation_run_and_fills_the_model_card(
     import shutil
     from dataclasses import asdict
 
-    from mlflow.tracking import MlflowClient
-
     from trainer import model_card
     from trainer.st_export import add_to_export
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("e2rank", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, run_name="stage2").info.run_id
+    client, exp, parent, uri = mlflow_training_run(tmp_path)
     export = tmp_path / "export"
     shutil.copytree(tiny, export)
     info = {"pooling": "last", "normalize": True, "stage": 2, "mlflow_run_id": parent, "tracking_uri": uri,

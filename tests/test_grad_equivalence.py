@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModel
 
 from tests.conftest import require_netns
+from tests.scripts.batch_slice import local_slice
 from tests.trainer_fixtures import make_tiny_model, torchrun
 from trainer.config import LossConfig
 from trainer.model import Encoder
@@ -46,21 +47,6 @@ def global_batch(stage: int, b: int = 4, g: int = 3, seed: int = 0) -> dict:
     return batch
 
 
-def halves(batch: dict) -> list[dict]:
-    """The two ranks' slices of a global batch (tests/scripts/grad_equiv.py local_slice)."""
-    b, g = batch["query_input_ids"].shape[0] // 2, batch["docs_per_query"]
-    out = []
-    for r in (0, 1):
-        half = {"docs_per_query": g}
-        for k, v in batch.items():
-            if k in ("doc_input_ids", "doc_attention_mask", "doc_hash"):
-                half[k] = v[r * b * g:(r + 1) * b * g]
-            elif torch.is_tensor(v):
-                half[k] = v[r * b:(r + 1) * b]
-        out.append(half)
-    return out
-
-
 @pytest.mark.parametrize("stage, zero, mode", [(1, 3, "padded"), (2, 3, "padded"), (1, 2, "padded"),
                                                (1, 3, "chunked"), (2, 3, "chunked"), (1, 3, "cached"), (2, 3, "cached"),
                                                (1, 3, "packed"), (2, 3, "packed"), (2, 3, "packed-cached"),
@@ -85,7 +71,7 @@ def test_sharded_gradients_equal_single_process(tmp_path, stage, zero, mode):
     enc = Encoder(AutoModel.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32), "last")
     if mode.startswith("local"):  # each half scored alone; DeepSpeed averages the ranks' gradients
         loss = sum(compute(enc, half, stage, LossConfig(negatives_cross_device=False))["loss"]
-                   for half in halves(batch)) / 2
+                   for half in (local_slice(batch, 0, 2), local_slice(batch, 1, 2))) / 2
         whole = compute(enc, batch, stage, LossConfig())["loss"].detach()
         assert abs(whole.item() - loss.item()) > 1e-4  # the two settings differ on this batch
     else:

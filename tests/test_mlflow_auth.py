@@ -5,6 +5,7 @@ with the standard MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, is refuse
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def auth_server(tmp_path_factory):
                             "--port", str(port), "--backend-store-uri", f"sqlite:///{d / 'srv.db'}",
                             "--artifacts-destination", str(d / "art"), "--workers", "1"], cwd=d,
                            stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                           env={**__import__("os").environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                           env={**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
                                 "MLFLOW_AUTH_ADMIN_PASSWORD": password,
                                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)})
     url = f"http://127.0.0.1:{port}"

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from tests.conftest import mlflow_training_run
 from trainer import model_card
 from trainer.eval_tracking import card_section, metric_dict, record
 
@@ -53,12 +54,7 @@ def test_metric_names_are_mlflow_safe():
 
 
 def test_record_nests_an_evaluation_run_under_the_training_run(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("e2rank", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, run_name="stage2").info.run_id
+    client, exp, parent, uri = mlflow_training_run(tmp_path)
     export = tmp_path / "export"
     export.mkdir()
     (export / "e2rank.json").write_text(json.dumps(_info(mlflow_run_id=parent, tracking_uri=uri)))

@@ -296,9 +296,10 @@ class Trainer:
     def _log_start(self) -> None:
         cfg = self.cfg
         g = self.loader.slate_size if cfg.stage == 2 else 1 + cfg.loader.negatives_per_query
+        scored_ranks = self.world if cfg.loss.negatives_across_ranks(cfg.stage) else 1
         self.info = {"stage": cfg.stage, "world_size": self.world, "backend": self.backend, "attention": self.attn,
                      "dtype": self.prec.name, "zero_stage": self.zero.stage,
-                     "negatives_per_query": cfg.loader.batch_size * (self.world if cfg.loss.negatives_across_ranks(cfg.stage) else 1) * g - 1, "params": self.n_params,
+                     "negatives_per_query": cfg.loader.batch_size * scored_ranks * g - 1, "params": self.n_params,
                      "global_batch": cfg.loader.batch_size * self.world * cfg.loader.grad_accum,
                      "grad_cache": cfg.encode.grad_cache, "chunk_tokens": cfg.encode.chunk_tokens,
                      "memory_estimate_gb": round(self.memory.total / GB, 2), "cpu_allocator": cfg.run.cpu_allocator if self.malloc_set else "default",

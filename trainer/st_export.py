@@ -30,7 +30,6 @@ from data_pipeline.instructions import InstructionTable
 from data_pipeline.text import TextEncoder, format_query
 
 ST_POOLING = {"last": "lasttoken", "mean": "mean_tokens", "cls": "cls_token"}
-FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json")
 
 
 def query_prompts(template: str, table: InstructionTable) -> dict[str, str]:

@@ -4,6 +4,7 @@ import sys
 
 import deepspeed
 import torch
+from batch_slice import local_slice  # this folder (sys.path[0] of a script)
 from deepspeed.utils import safe_get_full_grad
 from transformers import AutoModel
 
@@ -23,18 +24,6 @@ mode = sys.argv[6] if len(sys.argv) > 6 else "padded"
 LOSS = LossConfig(negatives_cross_device=not mode.startswith("local"))
 bf16 = len(sys.argv) > 7 and sys.argv[7] == "bf16"  # the model and DeepSpeed in bf16, as model.dtype=bf16 trains
 CHUNK = 16  # tokens per forward: 1-2 sequences, so the ranks' chunk counts differ and must be agreed
-
-
-def local_slice(batch, rank, world):
-    b = batch["query_input_ids"].shape[0] // world
-    g = batch["docs_per_query"]
-    out = {"docs_per_query": g}
-    for k, v in batch.items():
-        if k in ("doc_input_ids", "doc_attention_mask", "doc_hash"):
-            out[k] = v[rank * b * g : (rank + 1) * b * g]
-        elif torch.is_tensor(v):
-            out[k] = v[rank * b : (rank + 1) * b]
-    return out
 
 
 D.init(60)
