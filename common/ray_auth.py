@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import sys
 import tempfile
 from pathlib import Path
 
@@ -57,6 +58,11 @@ def ensure_local_token() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
     os.environ.update(auth_env(write_token(token_dir())))
+    if "ray._raylet" in sys.modules:  # Ray read RAY_AUTH_MODE when imported: have it read the settings again
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def redact(text: str) -> str:

