@@ -66,16 +66,18 @@ def make_batches(args, n_batches: int) -> list[dict]:
     import torch
 
     from common.pretrained import load_tokenizer
-    from data_pipeline.beir import load_corpus, load_qrels, load_queries
     from data_pipeline.instructions import InstructionTable
     from data_pipeline.text import TextEncoder, TokenizationConfig
-    from trainer.loader import left_pad
+    from evaluation.readers import load_corpus, load_qrels, load_queries
+    from modeling.embedding import left_pad
 
     d = Path(args.data)
     corpus, queries = load_corpus(d / "corpus.jsonl"), load_queries(d / "queries.jsonl")
     qrels = load_qrels(d / "qrels" / "train.tsv")
     ins = InstructionTable.load().lookup("scifact", allow_unknown=False)
-    text = TextEncoder(load_tokenizer(args.tokenizer), TokenizationConfig(tokenizer=args.tokenizer, **lengths(args.tiny)))
+    text = TextEncoder(
+        load_tokenizer(args.tokenizer), TokenizationConfig(tokenizer=args.tokenizer, **lengths(args.tiny))
+    )
     rng = random.Random(0)
     doc_ids = sorted(corpus)
     qids = sorted(q for q in qrels if q in queries)
@@ -90,8 +92,10 @@ def make_batches(args, n_batches: int) -> list[dict]:
         texts = [[corpus[x] for x in g] for g in groups]
         q_ids = text.encode_queries([queries[q] for q in qs], [ins.query[0]] * len(qs))
         d_ids = text.encode_documents([t for g in texts for t in g])
-        b = {"docs_per_query": len(groups[0]), "raw": {"queries": [queries[q] for q in qs], "docs": texts,
-                                                       "instruction": ins.query[0]}}
+        b = {
+            "docs_per_query": len(groups[0]),
+            "raw": {"queries": [queries[q] for q in qs], "docs": texts, "instruction": ins.query[0]},
+        }
         b["query_input_ids"], b["query_attention_mask"] = left_pad(q_ids, text.pad_id, 8)
         b["doc_input_ids"], b["doc_attention_mask"] = left_pad(d_ids, text.pad_id, 8)
         b["doc_hash"] = torch.arange(len(d_ids), dtype=torch.long)
@@ -100,10 +104,12 @@ def make_batches(args, n_batches: int) -> list[dict]:
             b["prompt_input_ids"], b["prompt_attention_mask"] = left_pad(prompts, text.pad_id, 8)
             b["ranking"] = torch.stack([torch.randperm(16) for _ in qs])
             b["cand_mask"] = torch.ones(len(qs), 16, dtype=torch.bool)
-        b["real_tokens"] = int(sum(int(b[f"{f}_attention_mask"].sum()) for f in ("query", "doc", "prompt")
-                                   if f"{f}_input_ids" in b))
-        b["padded_tokens"] = int(sum(b[f"{f}_input_ids"].numel() for f in ("query", "doc", "prompt")
-                                     if f"{f}_input_ids" in b))
+        b["real_tokens"] = int(
+            sum(int(b[f"{f}_attention_mask"].sum()) for f in ("query", "doc", "prompt") if f"{f}_input_ids" in b)
+        )
+        b["padded_tokens"] = int(
+            sum(b[f"{f}_input_ids"].numel() for f in ("query", "doc", "prompt") if f"{f}_input_ids" in b)
+        )
         out.append(b)
     del np
     return out
@@ -147,13 +153,14 @@ def run_ours(args, batches, device) -> dict:
     import deepspeed
     import torch
 
-    from trainer import distributed as D
-    from trainer.chunking import ChunkStats
+    from modeling import distributed as D
+    from modeling.chunking import ChunkStats
+    from modeling.embedding import Encoder
     from trainer.config import ModelConfig, TrainConfig
     from trainer.flops import attention_shape, step_flops
     from trainer.grad_cache import CachedStep
     from trainer.memory import available_bytes
-    from trainer.model import Encoder, load_backbone
+    from trainer.model import load_backbone
     from trainer.objective import compute
     from trainer.zero import ds_config, make_optimizer, plan
 
@@ -161,21 +168,31 @@ def run_ours(args, batches, device) -> dict:
     cfg = TrainConfig(stage=args.stage)
     cfg.loader.batch_size = args.batch
     # GradCache holds one chunk's graph: no checkpointing on top (its recompute would be a third forward)
-    cfg.model = ModelConfig(gradient_checkpointing=args.mode != "gradcache", packing=args.packing,
-                            compile=args.compile, liger=args.liger)
+    cfg.model = ModelConfig(
+        gradient_checkpointing=args.mode != "gradcache", packing=args.packing, compile=args.compile, liger=args.liger
+    )
     cfg.optim.lr = 1e-5
     cfg.encode.chunk_tokens = args.chunk_tokens
     backbone, attn = load_backbone(args.model, cfg.model, torch.bfloat16, device.type == "cuda")
     n_all = sum(p.numel() for p in backbone.parameters())
     n_flop = n_all - backbone.get_input_embeddings().weight.numel()
-    zp = plan(cfg, n_params=n_all, largest=max(p.numel() for p in backbone.parameters()), bytes_per=2,
-              rank_bytes=available_bytes(device), cuda=device.type == "cuda")
+    zp = plan(
+        cfg,
+        n_params=n_all,
+        largest=max(p.numel() for p in backbone.parameters()),
+        bytes_per=2,
+        rank_bytes=available_bytes(device),
+        cuda=device.type == "cuda",
+    )
     print(f"[zero] {zp}", flush=True)
     enc = Encoder(backbone, "last")
     params = list(enc.parameters())
-    engine, *_ = deepspeed.initialize(model=enc, model_parameters=params, optimizer=make_optimizer(cfg, params),
-                                      config=ds_config(cfg, True, backbone.config.hidden_size, device.type == "cuda",
-                                                       zero=zp))
+    engine, *_ = deepspeed.initialize(
+        model=enc,
+        model_parameters=params,
+        optimizer=make_optimizer(cfg, params),
+        config=ds_config(cfg, True, backbone.config.hidden_size, device.type == "cuda", zero=zp),
+    )
     cache = CachedStep(engine, args.chunk_tokens) if args.mode == "gradcache" else None
     engine.train()
     times, stats_all = [], []
@@ -200,11 +217,20 @@ def run_ours(args, batches, device) -> dict:
     real = sum(s.real for s in stats_all)
     padded = sum(s.padded for s in stats_all)
     flops = step_flops(n_flop, real, sum(s.sum_sq for s in stats_all), *attention_shape(backbone.config), causal=True)
-    return {"attention": attn, "n_flop_params": n_flop, "seconds": sum(times), "real_tokens": real, "flops": flops,
-            "zero": zp.reason, "computed_tokens": padded, "forwards_per_step": stats_all[-1].forwards if stats_all else 0,
-            "ds_skipped_steps": int(getattr(engine, "skipped_steps", -1)), "padding_efficiency": real / max(padded, 1),
-            "loader_padding_efficiency": sum(b["real_tokens"] for b in batches[args.warmup:])
-            / sum(b["padded_tokens"] for b in batches[args.warmup:])}
+    return {
+        "attention": attn,
+        "n_flop_params": n_flop,
+        "seconds": sum(times),
+        "real_tokens": real,
+        "flops": flops,
+        "zero": zp.reason,
+        "computed_tokens": padded,
+        "forwards_per_step": stats_all[-1].forwards if stats_all else 0,
+        "ds_skipped_steps": int(getattr(engine, "skipped_steps", -1)),
+        "padding_efficiency": real / max(padded, 1),
+        "loader_padding_efficiency": sum(b["real_tokens"] for b in batches[args.warmup :])
+        / sum(b["padded_tokens"] for b in batches[args.warmup :]),
+    }
 
 
 def run_st(args, batches, device) -> dict:
@@ -217,16 +243,22 @@ def run_st(args, batches, device) -> dict:
     from trainer.model import attention_candidates
 
     attn = attention_candidates(ModelConfig(), device.type == "cuda")[0]
-    tr = models.Transformer(str(args.model), max_seq_length=lengths(args.tiny)["doc_max_len"],
-                            model_kwargs={"attn_implementation": attn, "dtype": torch.float32})
-    pool = models.Pooling(tr.get_embedding_dimension() if hasattr(tr, "get_embedding_dimension")
-                          else tr.get_word_embedding_dimension(), "lasttoken")
+    tr = models.Transformer(
+        str(args.model),
+        max_seq_length=lengths(args.tiny)["doc_max_len"],
+        model_kwargs={"attn_implementation": attn, "dtype": torch.float32},
+    )
+    pool = models.Pooling(
+        tr.get_embedding_dimension() if hasattr(tr, "get_embedding_dimension") else tr.get_word_embedding_dimension(),
+        "lasttoken",
+    )
     model = SentenceTransformer(modules=[tr, pool, models.Normalize()], device=str(device))
     model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_flop = sum(p.numel() for p in model.parameters()) - model[0].auto_model.get_input_embeddings().weight.numel()
     if args.mode == "st-cmnrl":  # GradCache in sentence-transformers; mini-batch ~ our chunk (512-token texts)
-        loss_fn = CachedMultipleNegativesRankingLoss(model, scale=1 / 0.03,
-                                                     mini_batch_size=max(args.chunk_tokens // 512, 1))
+        loss_fn = CachedMultipleNegativesRankingLoss(
+            model, scale=1 / 0.03, mini_batch_size=max(args.chunk_tokens // 512, 1)
+        )
     else:
         loss_fn = MultipleNegativesRankingLoss(model, scale=1 / 0.03)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # its trainer's default with torch >= 2.8
@@ -266,12 +298,21 @@ def child(args) -> int:
     t0 = time.perf_counter()
     res = run_st(args, batches, device) if args.mode.startswith("st-") else run_ours(args, batches, device)
     peak = args.peak or matmul_peak(device)
-    res.update(stage=args.stage, mode=args.mode, batch=args.batch, steps=args.steps, device=str(device),
-               gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", peak_flops=peak,
-               tokens_per_s=res["real_tokens"] / res["seconds"], s_per_step=res["seconds"] / args.steps,
-               mfu=res["flops"] / res["seconds"] / peak,
-               mfu_vs_datasheet=res["flops"] / res["seconds"] / H100_BF16_DENSE,
-               peak_mem_gb=peak_mem_gb(device), wall_s=time.perf_counter() - t0)
+    res.update(
+        stage=args.stage,
+        mode=args.mode,
+        batch=args.batch,
+        steps=args.steps,
+        device=str(device),
+        gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        peak_flops=peak,
+        tokens_per_s=res["real_tokens"] / res["seconds"],
+        s_per_step=res["seconds"] / args.steps,
+        mfu=res["flops"] / res["seconds"] / peak,
+        mfu_vs_datasheet=res["flops"] / res["seconds"] / H100_BF16_DENSE,
+        peak_mem_gb=peak_mem_gb(device),
+        wall_s=time.perf_counter() - t0,
+    )
     with open(args.result, "a") as f:
         f.write(json.dumps(res) + "\n")
     return 0
@@ -284,9 +325,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="results.jsonl, summary.json and one log per configuration")
     ap.add_argument("--work", default="", help="scratch for the random-initialised model (default: OUT/model)")
-    ap.add_argument("--data", default=os.environ.get("E2RANK_SHARED_DATA", str(ROOT.parent / "shared" / "data")) + "/scifact")
-    ap.add_argument("--tokenizer", default=os.environ.get("E2RANK_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
-                    + "/tokenizers/qwen3")
+    ap.add_argument(
+        "--data", default=os.environ.get("E2RANK_SHARED_DATA", str(ROOT.parent / "shared" / "data")) + "/scifact"
+    )
+    ap.add_argument(
+        "--tokenizer",
+        default=os.environ.get("E2RANK_SHARED_DATA", str(ROOT.parent / "shared" / "data")) + "/tokenizers/qwen3",
+    )
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny Qwen3, short lengths")
     ap.add_argument("--batch1", type=int, default=32, help="stage-1 queries per step (x 4 documents)")
     ap.add_argument("--batch2", type=int, default=4, help="stage-2 slates per step (x 16 candidates + prompt)")
@@ -320,17 +365,47 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for stage, mode in CONFIGS:
         batch = args.batch1 if stage == 1 else args.batch2
-        cmd = ([sys.executable, __file__, "--child", "--out", str(out), "--data", args.data, "--tokenizer",
-               args.tokenizer, "--stage", str(stage), "--mode", mode, "--batch", str(batch), "--model", str(model),
-               "--result", str(result), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--chunk-tokens", str(args.chunk_tokens), "--packing", args.packing] + (["--tiny"] if args.tiny else [])
-               + (["--compile"] if args.compile else []) + (["--liger"] if args.liger else []))
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--out",
+                str(out),
+                "--data",
+                args.data,
+                "--tokenizer",
+                args.tokenizer,
+                "--stage",
+                str(stage),
+                "--mode",
+                mode,
+                "--batch",
+                str(batch),
+                "--model",
+                str(model),
+                "--result",
+                str(result),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--chunk-tokens",
+                str(args.chunk_tokens),
+                "--packing",
+                args.packing,
+            ]
+            + (["--tiny"] if args.tiny else [])
+            + (["--compile"] if args.compile else [])
+            + (["--liger"] if args.liger else [])
+        )
         t = time.perf_counter()
         log = out / f"stage{stage}-{mode}.log"
         with open(log, "w") as f:
             try:
-                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    timeout=args.timeout).returncode
+                rc = subprocess.run(
+                    cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         print(f"[gpu_check] stage {stage} {mode}: rc={rc} in {time.perf_counter() - t:.0f}s", flush=True)
@@ -338,18 +413,30 @@ def main() -> int:
             print(log.read_text()[-3000:], flush=True)
     rows = [json.loads(x) for x in result.read_text().splitlines()] if result.exists() else []
     for r in rows:
-        print(f"[gpu_check] {r['gpu']} stage {r['stage']} {r['mode']:9s} attn={r['attention']} batch={r['batch']}: "
-              f"{r['tokens_per_s']:.0f} real tok/s, {r['s_per_step']:.3f} s/step, MFU {r['mfu']:.1%} of measured "
-              f"bf16 peak ({r['peak_flops'] / 1e12:.0f} TFLOP/s), {r['mfu_vs_datasheet']:.1%} of 989 TFLOP/s, "
-              f"peak mem {r['peak_mem_gb']:.1f} GB" + (f", padding eff {r['padding_efficiency']:.2f} (loader "
-                                                      f"{r['loader_padding_efficiency']:.2f})" if "padding_efficiency" in r else ""))
+        print(
+            f"[gpu_check] {r['gpu']} stage {r['stage']} {r['mode']:9s} attn={r['attention']} batch={r['batch']}: "
+            f"{r['tokens_per_s']:.0f} real tok/s, {r['s_per_step']:.3f} s/step, MFU {r['mfu']:.1%} of measured "
+            f"bf16 peak ({r['peak_flops'] / 1e12:.0f} TFLOP/s), {r['mfu_vs_datasheet']:.1%} of 989 TFLOP/s, "
+            f"peak mem {r['peak_mem_gb']:.1f} GB"
+            + (
+                f", padding eff {r['padding_efficiency']:.2f} (loader {r['loader_padding_efficiency']:.2f})"
+                if "padding_efficiency" in r
+                else ""
+            )
+        )
     by = {(r["stage"], r["mode"]): r for r in rows}
     if (1, "ours") in by and (1, "st-mnrl") in by:
-        print(f"[gpu_check] stage 1 ours / sentence-transformers MNRL tokens/s = "
-              f"{by[1, 'ours']['tokens_per_s'] / by[1, 'st-mnrl']['tokens_per_s']:.2f}x", flush=True)
+        print(
+            f"[gpu_check] stage 1 ours / sentence-transformers MNRL tokens/s = "
+            f"{by[1, 'ours']['tokens_per_s'] / by[1, 'st-mnrl']['tokens_per_s']:.2f}x",
+            flush=True,
+        )
     if (1, "gradcache") in by and (1, "st-cmnrl") in by:
-        print(f"[gpu_check] stage 1 GradCache ours / sentence-transformers CachedMNRL tokens/s = "
-              f"{by[1, 'gradcache']['tokens_per_s'] / by[1, 'st-cmnrl']['tokens_per_s']:.2f}x", flush=True)
+        print(
+            f"[gpu_check] stage 1 GradCache ours / sentence-transformers CachedMNRL tokens/s = "
+            f"{by[1, 'gradcache']['tokens_per_s'] / by[1, 'st-cmnrl']['tokens_per_s']:.2f}x",
+            flush=True,
+        )
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
     (out / "gpu-check.json").write_text(json.dumps(results_record(by), indent=1))  # bench/results/ format
     return 0 if len(rows) == len(CONFIGS) else 1
@@ -358,17 +445,28 @@ def main() -> int:
 def results_record(by: dict) -> dict:
     """The figures a later reader checks without re-running (copied to bench/results/gpu-check.json)."""
     first = next(iter(by.values()), {})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
 
     def ratio(a, b):
         return by[a]["tokens_per_s"] / by[b]["tokens_per_s"] if a in by and b in by else None
 
-    return {"device": first.get("gpu", ""), "date": time.strftime("%Y-%m-%d"), "commit": commit,
-            "mfu": {"stage1": by.get((1, "ours"), {}).get("mfu"), "grad_cache": by.get((1, "gradcache"), {}).get("mfu"),
-                    "stage2": by.get((2, "ours"), {}).get("mfu")},
-            "ratios": {"stage1_vs_mnrl": ratio((1, "ours"), (1, "st-mnrl")),
-                       "gradcache_vs_cachedmnrl": ratio((1, "gradcache"), (1, "st-cmnrl"))},
-            "rows": list(by.values())}
+    return {
+        "device": first.get("gpu", ""),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit,
+        "mfu": {
+            "stage1": by.get((1, "ours"), {}).get("mfu"),
+            "grad_cache": by.get((1, "gradcache"), {}).get("mfu"),
+            "stage2": by.get((2, "ours"), {}).get("mfu"),
+        },
+        "ratios": {
+            "stage1_vs_mnrl": ratio((1, "ours"), (1, "st-mnrl")),
+            "gradcache_vs_cachedmnrl": ratio((1, "gradcache"), (1, "st-cmnrl")),
+        },
+        "rows": list(by.values()),
+    }
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 def step(model, ids, mask, how: str) -> None:
     """Forward + backward of a toy objective: ours (right-padded, no mask) or HF's default (padding mask)."""
-    from trainer.model import embed
+    from modeling.embedding import embed
 
     if how == "ours_nomask":
         e = embed(model, ids, mask, "last", causal=True)
@@ -33,7 +33,7 @@ def main() -> int:
     from transformers import AutoModel, Qwen3Config
 
     from bench.gpu_check import QWEN3_06B, TINY
-    from trainer.model import embed
+    from modeling.embedding import embed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)

@@ -42,7 +42,7 @@ def main() -> int:
     shards = work / f"shards-{args.len}"
     run(PipelineConfig(kind="contrastive", inputs=[str(recs)], output=str(shards), samples_per_shard=200,
                        tokenization=TokenizationConfig(tokenizer=args.model, query_max_len=args.len,
-                                                       doc_max_len=args.len), progress=False), log=lambda *_: None)
+                                                       doc_max_len=args.len), progress=False))
     chunk = 8 * 9 * args.len
     rows = {}
     for name, batch, cache in (("plain, 16 queries", 8, False), ("GradCache, 256 queries", 128, True)):

@@ -27,13 +27,14 @@ from bench import record  # noqa: E402
 MEASURE = r"""
 import json, os, sys, time, torch
 torch.set_num_threads(os.cpu_count())
-from data_pipeline.beir import load_corpus
+from evaluation.readers import load_corpus
 from data_pipeline.text import TokenizationConfig
-from trainer.reranker import Reranker
+from evaluation.reranker import Reranker
 corpus = load_corpus(sys.argv[1])
 docs = [corpus[d] for d in sorted(corpus)[: int(sys.argv[2])]]
 kw = {} if sys.argv[4] == "legacy" else {"dtype": sys.argv[4]}
-r = Reranker.from_base(sys.argv[3], pooling="last", tokenization=TokenizationConfig(tokenizer=sys.argv[3], doc_max_len=512), **kw)
+tok = TokenizationConfig(tokenizer=sys.argv[3], doc_max_len=512)
+r = Reranker.from_base(sys.argv[3], pooling="last", tokenization=tok, **kw)
 r.embed(docs[:8])
 t = time.perf_counter()
 e = r.embed(docs)
@@ -48,7 +49,7 @@ import json, os, sys, time, torch
 torch.set_num_threads(os.cpu_count())
 from sentence_transformers import SentenceTransformer, models
 from common.pretrained import resolve
-from data_pipeline.beir import load_corpus
+from evaluation.readers import load_corpus
 corpus = load_corpus(sys.argv[1])
 docs = [corpus[d] for d in sorted(corpus)[: int(sys.argv[2])]]
 dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[4]]
@@ -67,8 +68,13 @@ print("RESULT " + json.dumps({"docs_per_s": len(docs) / sec, "seconds": sec, "to
 
 def measure(cwd: Path, corpus: Path, n: int, model: str, dtype: str, script: str = MEASURE) -> dict:
     env = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": str(os.cpu_count())}
-    r = subprocess.run([sys.executable, "-c", script, str(corpus), str(n), model, dtype], cwd=cwd, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(corpus), str(n), model, dtype],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(r.stderr[-3000:])
@@ -83,8 +89,12 @@ def main() -> int:
     ap.add_argument("--baseline-rev", default="0966aa4")
     ap.add_argument("--ndcg-queries", type=int, default=30)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], help="this tree's precisions to measure")
-    ap.add_argument("--vs-st", action="store_true", help="also sentence-transformers encode() per dtype, same run; "
-                    "the fp32 ratio goes to bench/results/peer-cpu.json as inference_vs_st_encode")
+    ap.add_argument(
+        "--vs-st",
+        action="store_true",
+        help="also sentence-transformers encode() per dtype, same run; "
+        "the fp32 ratio goes to bench/results/peer-cpu.json as inference_vs_st_encode",
+    )
     args = ap.parse_args()
     data = Path(args.data) / "scifact"
     rows = {}
@@ -96,18 +106,27 @@ def main() -> int:
             # tokens/s: ours counts its text contract's tokens (EOS included), ST its tokenizer's
             r = (ours["tokens"] / ours["seconds"]) / (st["tokens"] / st["seconds"])
             run[dt] = {"ours": ours, "st": st, "tokens_per_s_ratio": r}
-            print(f"{dt}: ours {ours['docs_per_s']:.2f} docs/s ({ours['tokens'] / ours['seconds']:.0f} tok/s), "
-                  f"sentence-transformers encode() {st['docs_per_s']:.2f} docs/s ({st['tokens'] / st['seconds']:.0f} "
-                  f"tok/s): {r:.2f}x tokens/s", flush=True)
+            print(
+                f"{dt}: ours {ours['docs_per_s']:.2f} docs/s ({ours['tokens'] / ours['seconds']:.0f} tok/s), "
+                f"sentence-transformers encode() {st['docs_per_s']:.2f} docs/s ({st['tokens'] / st['seconds']:.0f} "
+                f"tok/s): {r:.2f}x tokens/s",
+                flush=True,
+            )
             ratios["inference_vs_st_encode" + ("" if dt == "fp32" else f"_{dt}")] = r
         record.merge(record.RESULTS / "peer-cpu.json", ratios, "inference", {"docs": args.docs, **run})
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         wt = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", str(wt), args.baseline_rev], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(wt), args.baseline_rev],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         try:
-            rows[f"before ({args.baseline_rev}, fp32)"] = measure(wt, data / "corpus.jsonl", args.docs, args.model, "legacy")
+            rows[f"before ({args.baseline_rev}, fp32)"] = measure(
+                wt, data / "corpus.jsonl", args.docs, args.model, "legacy"
+            )
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
     for dt in args.dtypes:
@@ -123,8 +142,9 @@ def main() -> int:
 
         from data_pipeline.instructions import InstructionTable
         from data_pipeline.text import TokenizationConfig
-        from trainer.evaluation import evaluate, load_beir
-        from trainer.reranker import Reranker
+        from evaluation.readers import load_beir
+        from evaluation.reranker import Reranker
+        from evaluation.scoring import evaluate
 
         torch.set_num_threads(os.cpu_count() or 1)
         es = load_beir(data, "test", data / "runs" / "bm25.top100.test.trec")
@@ -136,12 +156,25 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for dt in ("fp32", "bf16"):
                 r = Reranker.from_base(args.model, pooling="last", tokenization=tok, dtype=dt)
-                res = evaluate(r, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,
-                               out_dir=Path(tmp), tag=dt, progress=False)
-                per[dt] = {m: per_query_ndcg(es.qrels, Path(tmp) / f"{es.name}.{dt}.{m}.trec") for m in
-                           ("retrieval", "listwise")}
-                print(f"NDCG@10 {dt}: retrieval {res['retrieval']['NDCG@10']:.4f} listwise {res['listwise']['NDCG@10']:.4f}"
-                      f" ({len(es.run)} queries)", flush=True)
+                res = evaluate(
+                    r,
+                    es,
+                    query_instruction=ins.query[0],
+                    rerank_instruction=ins.rerank,
+                    out_dir=Path(tmp),
+                    tag=dt,
+                    progress=False,
+                )
+                per[dt] = {
+                    m: per_query_ndcg(es.qrels, Path(tmp) / f"{es.name}.{dt}.{m}.trec")
+                    for m in ("retrieval", "listwise")
+                }
+                print(
+                    f"NDCG@10 {dt}: retrieval {res['retrieval']['NDCG@10']:.4f} "
+                    f"listwise {res['listwise']['NDCG@10']:.4f}"
+                    f" ({len(es.run)} queries)",
+                    flush=True,
+                )
         for m in ("retrieval", "listwise"):
             a = np.array([per["fp32"][m][q] for q in sorted(per["fp32"][m])])
             b = np.array([per["bf16"][m][q] for q in sorted(per["fp32"][m])])
@@ -157,7 +190,9 @@ def per_query_ndcg(qrels, run_file: Path) -> dict[str, float]:
     for line in run_file.read_text().splitlines():
         q, _, d, _, s, _ = line.split()
         run.setdefault(q, {})[d] = float(s)
-    return {q: v["ndcg_cut_10"] for q, v in pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run).items()}
+    return {
+        q: v["ndcg_cut_10"] for q, v in pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run).items()
+    }
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Real / padded tokens on SciFact, padded micro-batches (the loader's collation) vs the trainer's length-grouped
-chunks (trainer/chunking.py), for stage 1 (q512/d512) and stage 2 (16-candidate slates at the stage-2 recipe lengths:
+chunks (modeling/chunking.py), for stage 1 (q512/d512) and stage 2 (16-candidate slates at the stage-2 recipe lengths:
 doc 1024, prompt 8192, 480 per candidate), with the real Qwen3 tokenizer.
 
     python bench/padding_efficiency.py [--chunk-tokens 8192] [--batch1 8] [--batch2 4]
@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 def slates(data: Path, out: Path, k: int = 16) -> None:
     """SciFact train: the qrels positive + BM25 candidates, 16 per query (lengths are what matter here)."""
-    from data_pipeline.beir import bm25_search, load_corpus, load_qrels, load_queries
+    from data_pipeline.beir import bm25_search
+    from evaluation.readers import load_corpus, load_qrels, load_queries
 
     corpus, queries = load_corpus(data / "corpus.jsonl"), load_queries(data / "queries.jsonl")
     qrels = load_qrels(data / "qrels" / "train.tsv")
@@ -47,7 +48,7 @@ def main() -> int:
     from data_pipeline.config import PipelineConfig
     from data_pipeline.job import run
     from data_pipeline.text import TokenizationConfig
-    from trainer.chunking import chunk_view, plan_chunks
+    from modeling.chunking import chunk_view, plan_chunks
     from trainer.loader import LoaderConfig, ShardLoader
 
     data = Path(args.data)
@@ -65,7 +66,7 @@ def main() -> int:
     for stage, src in ((1, s1), (2, s2)):
         run(PipelineConfig(kind="contrastive" if stage == 1 else "listwise", inputs=[str(src)],
                            output=str(work / f"shards{stage}"), samples_per_shard=200, tokenization=cfgs[stage],
-                           progress=False), log=lambda *_: None)
+                           progress=False))
     for stage in (1, 2):
         lc = LoaderConfig(batch_size=args.batch1 if stage == 1 else args.batch2, negatives_per_query=3, slate_size=16)
         loader = ShardLoader(work / f"shards{stage}", lc, rank=0, world_size=1)

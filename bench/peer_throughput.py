@@ -45,7 +45,7 @@ def st_worker(args) -> int:
 
     from common.pretrained import resolve
     from data_pipeline.instructions import InstructionTable
-    from trainer.profiling import phase, phase_seconds, top_operators
+    from modeling.profiling import phase, phase_seconds, top_operators
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -89,7 +89,9 @@ def st_worker(args) -> int:
                 opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t
         if step == args.profile_step and rank == 0:
-            Path(args.profile_out).write_text(json.dumps({"step_wall_s": dt, "phases_s": phase_seconds(prof)}, indent=1))
+            Path(args.profile_out).write_text(
+                json.dumps({"step_wall_s": dt, "phases_s": phase_seconds(prof)}, indent=1)
+            )
             Path(args.profile_out).with_suffix(".txt").write_text(top_operators(prof))
         real = torch.tensor(float(sum(int(f["attention_mask"].sum()) for f in feats)))
         padded = torch.tensor(float(sum(f["attention_mask"].numel() for f in feats)))
@@ -102,8 +104,18 @@ def st_worker(args) -> int:
     dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         real, padded = sum(t[0] for t in toks), sum(t[1] for t in toks)
-        sys.stdout.write("RESULT " + json.dumps({"tokens_per_s": real / sum(times), "s_per_step": statistics.median(times),
-                                                 "padding_efficiency": real / padded, "peak_rss_gb": rss.item()}) + "\n")
+        sys.stdout.write(
+            "RESULT "
+            + json.dumps(
+                {
+                    "tokens_per_s": real / sum(times),
+                    "s_per_step": statistics.median(times),
+                    "padding_efficiency": real / padded,
+                    "peak_rss_gb": rss.item(),
+                }
+            )
+            + "\n"
+        )
     dist.destroy_process_group()
     return 0
 
@@ -113,8 +125,11 @@ def torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
 
 
-RATIOS = {"stage1_vs_mnrl": ("ours-{d}", "st-{d}"), "stage1_z2_vs_mnrl": ("ours-z2-{d}", "st-{d}"),
-          "gradcache_vs_cachedmnrl": ("ours-gc-{d}", "st-cmnrl-{d}")}
+RATIOS = {
+    "stage1_vs_mnrl": ("ours-{d}", "st-{d}"),
+    "stage1_z2_vs_mnrl": ("ours-z2-{d}", "st-{d}"),
+    "gradcache_vs_cachedmnrl": ("ours-gc-{d}", "st-cmnrl-{d}"),
+}
 
 
 def main() -> int:
@@ -123,17 +138,32 @@ def main() -> int:
     ap.add_argument("--data", default=os.environ.get("E2RANK_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--batch", type=int, default=4, help="queries per process per step (x 5 texts)")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--mini-batch", type=int, default=2, help="GradCache mini-batch in queries: x5 texts for CachedMNRL, x5x512 tokens for ours")
-    ap.add_argument("--configs", nargs="+", default=["ours-fp32", "st-fp32", "ours-gc-fp32", "st-cmnrl-fp32"],
-                    help="ours-[z2-|gc-]DTYPE (ZeRO-3 unless z2; gc = GradCache), st-DTYPE, st-cmnrl-DTYPE")
+    ap.add_argument(
+        "--mini-batch",
+        type=int,
+        default=2,
+        help="GradCache mini-batch in queries: x5 texts for CachedMNRL, x5x512 tokens for ours",
+    )
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["ours-fp32", "st-fp32", "ours-gc-fp32", "st-cmnrl-fp32"],
+        help="ours-[z2-|gc-]DTYPE (ZeRO-3 unless z2; gc = GradCache), st-DTYPE, st-cmnrl-DTYPE",
+    )
     ap.add_argument("--work", default="", help="scratch folder (shards are reused; every run trains afresh)")
     ap.add_argument("--len", type=int, default=512, help="query and document max length (tokens)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
     ap.add_argument("--ours-args", nargs="*", default=[], help="extra trainer overrides for our configurations")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "peer-cpu.json"),
-                    help="JSON the ratios are merged into (per length); '' = do not write")
-    ap.add_argument("--profile", action="store_true",
-                    help="torch.profiler on the third step of each configuration (excluded from tokens/s): phase tables")
+    ap.add_argument(
+        "--results",
+        default=str(ROOT / "bench" / "results" / "peer-cpu.json"),
+        help="JSON the ratios are merged into (per length); '' = do not write",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler on the third step of each configuration (excluded from tokens/s): phase tables",
+    )
     ap.add_argument("--profile-step", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--st-worker", action="store_true", help=argparse.SUPPRESS)
@@ -161,8 +191,16 @@ def main() -> int:
     shards = work / f"shards-{LEN}"
     if not (shards / "manifest.json").exists():
         tok = TokenizationConfig(tokenizer=args.model, query_max_len=LEN, doc_max_len=LEN)
-        run(PipelineConfig(kind="contrastive", inputs=[str(recs)], output=str(shards), samples_per_shard=200,
-                           tokenization=tok, progress=False), log=lambda *_: None)
+        run(
+            PipelineConfig(
+                kind="contrastive",
+                inputs=[str(recs)],
+                output=str(shards),
+                samples_per_shard=200,
+                tokenization=tok,
+                progress=False,
+            )
+        )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # our loader shuffles with the seed; same-length statistics, not the same rows: SciFact docs are homogeneous
     rows, phases = {}, {}
@@ -172,39 +210,74 @@ def main() -> int:
         if c.startswith("ours"):
             out = work / f"run-{c}-{LEN}{'-ckpt' if args.grad_ckpt else ''}"
             shutil.rmtree(out, ignore_errors=True)  # a finished run in it would be resumed, not measured
-            r = torchrun(["-m", "trainer", "stage=1", f"shards={shards}", f"model.path={args.model}",
-                          f"run.output_dir={out}", f"run.max_steps={args.steps + 1}", "run.save_every=1000000",
-                          "run.export=false", f"loader.batch_size={args.batch}", "loader.negatives_per_query=3",
-                          f"model.dtype={dtype}", "optim.lr=0.00001", "loss.temperature=0.03",
-                          f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
-                          f"encode.grad_cache={str('-gc-' in c).lower()}",
-                          f"deepspeed.zero_stage={2 if '-z2-' in c else 3}",
-                          f"encode.chunk_tokens={args.mini_batch * 5 * LEN if '-gc-' in c else 8192}",
-                          f"run.profile_step={PROFILE_STEP + 1 if args.profile else 0}", *args.ours_args], env)
+            r = torchrun(
+                [
+                    "-m",
+                    "trainer",
+                    "stage=1",
+                    f"shards={shards}",
+                    f"model.path={args.model}",
+                    f"run.output_dir={out}",
+                    f"run.max_steps={args.steps + 1}",
+                    "run.save_every=1000000",
+                    "run.export=false",
+                    f"loader.batch_size={args.batch}",
+                    "loader.negatives_per_query=3",
+                    f"model.dtype={dtype}",
+                    "optim.lr=0.00001",
+                    "loss.temperature=0.03",
+                    f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
+                    f"encode.grad_cache={str('-gc-' in c).lower()}",
+                    f"deepspeed.zero_stage={2 if '-z2-' in c else 3}",
+                    f"encode.chunk_tokens={args.mini_batch * 5 * LEN if '-gc-' in c else 8192}",
+                    f"run.profile_step={PROFILE_STEP + 1 if args.profile else 0}",
+                    *args.ours_args,
+                ],
+                env,
+            )
             if r.returncode:
                 print(f"{c}: FAILED\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
                 continue
             m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             m = [x for x in m[1:] if not (args.profile and x["step"] == PROFILE_STEP + 1)]
-            rows[c] = {"tokens_per_s": sum(x["tokens_per_s"] * x["step_time_s"] for x in m) / sum(x["step_time_s"] for x in m),
-                       "s_per_step": statistics.median(x["step_time_s"] for x in m),
-                       "padding_efficiency": m[-1]["padding_efficiency"],
-                       "loader_padding_efficiency": m[-1]["loader_padding_efficiency"],
-                       "peak_rss_gb": max(x["peak_mem_gb"] for x in m), "mfu": statistics.median(x["mfu"] for x in m),
-                       "phases_s": {k[5:-2]: statistics.median(x[k] for x in m) for k in m[-1] if k.startswith("time_")}}
+            rows[c] = {
+                "tokens_per_s": sum(x["tokens_per_s"] * x["step_time_s"] for x in m) / sum(x["step_time_s"] for x in m),
+                "s_per_step": statistics.median(x["step_time_s"] for x in m),
+                "padding_efficiency": m[-1]["padding_efficiency"],
+                "loader_padding_efficiency": m[-1]["loader_padding_efficiency"],
+                "peak_rss_gb": max(x["peak_mem_gb"] for x in m),
+                "mfu": statistics.median(x["mfu"] for x in m),
+                "phases_s": {k[5:-2]: statistics.median(x[k] for x in m) for k in m[-1] if k.startswith("time_")},
+            }
             if args.profile:
                 phases[c] = json.loads((out / "profile_phases.json").read_text())
         else:
-            r = torchrun([__file__, "--st-worker", f"--len={LEN}", f"--records={recs}", f"--model={args.model}", f"--batch={args.batch}",
-                          f"--steps={args.steps}", f"--dtype={dtype}", f"--mini-batch={args.mini_batch * 5}"]
-                         + (["--cached"] if "cmnrl" in c else []) + (["--grad-ckpt"] if args.grad_ckpt else [])
-                         + ([f"--profile-step={PROFILE_STEP}", f"--profile-out={work / f'profile-{c}.json'}"]
-                            if args.profile else []), env)
+            r = torchrun(
+                [
+                    __file__,
+                    "--st-worker",
+                    f"--len={LEN}",
+                    f"--records={recs}",
+                    f"--model={args.model}",
+                    f"--batch={args.batch}",
+                    f"--steps={args.steps}",
+                    f"--dtype={dtype}",
+                    f"--mini-batch={args.mini_batch * 5}",
+                ]
+                + (["--cached"] if "cmnrl" in c else [])
+                + (["--grad-ckpt"] if args.grad_ckpt else [])
+                + (
+                    [f"--profile-step={PROFILE_STEP}", f"--profile-out={work / f'profile-{c}.json'}"]
+                    if args.profile
+                    else []
+                ),
+                env,
+            )
             line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
             if r.returncode or line is None:
                 print(f"{c}: FAILED\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
                 continue
-            rows[c] = json.loads(line[len("RESULT "):])
+            rows[c] = json.loads(line[len("RESULT ") :])
             if args.profile:
                 phases[c] = json.loads((work / f"profile-{c}.json").read_text())
         rows[c]["wall_s"] = time.perf_counter() - t
@@ -215,9 +288,11 @@ def main() -> int:
             a, b = a.format(d=d), b.format(d=d)
             if a in rows and b in rows:
                 ratios[f"{name}_{LEN}_{d}"] = r = rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
-                print(f"{a} / {b}: tokens/s {r:.2f}x, peak RSS per process "
-                      f"{rows[a]['peak_rss_gb']:.2f} vs {rows[b]['peak_rss_gb']:.2f} GB")
-    from trainer.model import native_bf16
+                print(
+                    f"{a} / {b}: tokens/s {r:.2f}x, peak RSS per process "
+                    f"{rows[a]['peak_rss_gb']:.2f} vs {rows[b]['peak_rss_gb']:.2f} GB"
+                )
+    from modeling.embedding import native_bf16
 
     native = "bf16" if native_bf16(False) else "fp32"  # what model.dtype=auto trains in on this box
     ratios.update({k[: -len(native) - 1]: v for k, v in list(ratios.items()) if k.endswith(f"_{native}")})
@@ -225,9 +300,19 @@ def main() -> int:
         ratios["gradcache_vs_cachedmnrl"] = ratios[f"gradcache_vs_cachedmnrl_{LEN}"]
     if phases:
         print(phase_table(phases))
-    result = {"machine": record.machine(), "date": time.strftime("%Y-%m-%d"), "commit": record.commit(), "len": LEN,
-              "batch": args.batch, "steps": args.steps, "grad_ckpt": args.grad_ckpt, "ours_args": args.ours_args,
-              "ratios": ratios, "rows": rows, "profiles": phases}
+    result = {
+        "machine": record.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": record.commit(),
+        "len": LEN,
+        "batch": args.batch,
+        "steps": args.steps,
+        "grad_ckpt": args.grad_ckpt,
+        "ours_args": args.ours_args,
+        "ratios": ratios,
+        "rows": rows,
+        "profiles": phases,
+    }
     (work / "peer_throughput.json").write_text(json.dumps(result, indent=1))
     print(f"results: {work / 'peer_throughput.json'}")
     if args.results:

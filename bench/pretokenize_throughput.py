@@ -4,7 +4,8 @@
 
 Builds contrastive records from SciFact (title -> abstract, next abstract as negative), replicated to --records,
 then measures (a) the raw fast tokenizer (the Rust `tokenizers` object, `encode_batch_fast`, truncating) batch-encoding
-exactly the texts the job encodes, in one process pinned to one thread (RAYON_NUM_THREADS=1), and (b) the whole job (plan, read, validate, tokenize, hash,
+exactly the texts the job encodes, in one process pinned to one thread (RAYON_NUM_THREADS=1), and (b) the whole job
+(plan, read, validate, tokenize, hash,
 write tars and manifest) with N tokenizer actors. Prints tokens/s and the ratio per core used.
 """
 
@@ -49,7 +50,9 @@ def make_records(scifact: Path, out: Path, n: int) -> None:
     with open(out, "w") as f:
         for i in range(n):
             d, nxt = docs[i % len(docs)], docs[(i + 1) % len(docs)]
-            f.write(json.dumps({"query": d["title"], "pos": d["text"], "neg": [nxt["text"]], "source": "scifact"}) + "\n")
+            f.write(
+                json.dumps({"query": d["title"], "pos": d["text"], "neg": [nxt["text"]], "source": "scifact"}) + "\n"
+            )
 
 
 def main() -> int:
@@ -70,24 +73,49 @@ def main() -> int:
     src = work / "records.jsonl"
     make_records(data / "scifact", src, args.records)
     env = {**os.environ, "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    raw = json.loads(subprocess.run([sys.executable, "-c", RAW, str(src), spec, str(qmax), str(dmax)], env=env,
-                                    capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip().splitlines()[-1])
+    raw = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", RAW, str(src), spec, str(qmax), str(dmax)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     raw_tps = raw["tokens"] / raw["seconds"]
     print(f"records: {args.records} ({src.stat().st_size / 1e6:.0f} MB), tokenizer: {spec}")
-    print(f"raw fast tokenizer, 1 process, 1 thread: {raw['tokens']} tokens in {raw['seconds']:.1f}s = {raw_tps:,.0f} tokens/s")
+    print(
+        f"raw fast tokenizer, 1 process, 1 thread: {raw['tokens']} tokens in {raw['seconds']:.1f}s "
+        f"= {raw_tps:,.0f} tokens/s"
+    )
     for w in args.workers:
         out = work / f"shards-w{w}"
-        cmd = [sys.executable, "-m", "data_pipeline", f"inputs=[{src}]", f"output={out}", f"num_workers={w}",
-               f"samples_per_shard={args.samples_per_shard}", "progress=false", f"tokenization.tokenizer={spec}",
-               f"tokenization.query_max_len={qmax + 1}", f"tokenization.doc_max_len={dmax + 1}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "data_pipeline",
+            f"inputs=[{src}]",
+            f"output={out}",
+            f"num_workers={w}",
+            f"samples_per_shard={args.samples_per_shard}",
+            "progress=false",
+            f"tokenization.tokenizer={spec}",
+            f"tokenization.query_max_len={qmax + 1}",
+            f"tokenization.doc_max_len={dmax + 1}",
+        ]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ}, capture_output=True)
         dt = time.perf_counter() - t
         m = json.loads((out / "manifest.json").read_text())
         tokens = m["totals"]["tokens"] - m["totals"]["samples"] * 3  # minus the appended EOS ids (not in raw)
         tps = tokens / dt
-        print(f"ray job, {w} actor(s): {tokens} tokens in {dt:.1f}s end to end (incl. Ray start, planning, tars) "
-              f"= {tps:,.0f} tokens/s; per actor {tps / w:,.0f} = {tps / w / raw_tps:.2f}x raw per core")
+        print(
+            f"ray job, {w} actor(s): {tokens} tokens in {dt:.1f}s end to end (incl. Ray start, planning, tars) "
+            f"= {tps:,.0f} tokens/s; per actor {tps / w:,.0f} = {tps / w / raw_tps:.2f}x raw per core"
+        )
     print(f"cores on this machine: {os.cpu_count()}; scratch: {work}")
     return 0
 

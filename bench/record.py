@@ -27,17 +27,26 @@ def machine() -> dict:
 
 def commit() -> str:
     """HEAD, marked when tracked files differ from it (the figures then belong to uncommitted changes)."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return head + ("+changes" if dirty else "")
 
 
 def merge(path: Path, ratios: dict[str, float], run_key: str, run: dict) -> None:
     """Ratios merge by key; each invocation's full figures are kept under `runs[run_key]`."""
     old = json.loads(path.read_text()) if path.exists() else {}
-    merged = {**old, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit(),
-              "ratios": {**old.get("ratios", {}), **ratios}, "runs": {**old.get("runs", {}), run_key: run}}
+    merged = {
+        **old,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit(),
+        "ratios": {**old.get("ratios", {}), **ratios},
+        "runs": {**old.get("runs", {}), run_key: run},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(merged, indent=1) + "\n")

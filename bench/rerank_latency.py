@@ -39,8 +39,8 @@ def main(argv=None) -> int:
 
     from data_pipeline.instructions import InstructionTable
     from data_pipeline.text import TokenizationConfig
-    from trainer.evaluation import load_beir
-    from trainer.reranker import Reranker
+    from evaluation.readers import load_beir
+    from evaluation.reranker import Reranker
 
     torch.set_num_threads(os.cpu_count() or 1)
     d = Path(args.data) / "scifact"
@@ -69,12 +69,20 @@ def main(argv=None) -> int:
         cold.append(timed(rer.rerank, query, docs, ins.rerank, args.prompt_k))
         pairs = rer.text._encode([f"Query: {query}\nDocument: {x}" for x in docs], pair_max)[0]
         point.append(timed(rer._encode_ids, pairs))
-    ms = {k: 1000 * statistics.median(v) for k, v in (("e2rank_warm", warm), ("e2rank_cold", cold), ("pointwise", point))}
-    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "dtype": str(rer.dtype),
-           "queries": len(qids), "top_k": args.top_k, "prompt_k": args.prompt_k, "doc_len": args.doc_len,
-           "ms_per_query": {k: round(v, 1) for k, v in ms.items()},
-           "pointwise_over_e2rank_warm": round(ms["pointwise"] / ms["e2rank_warm"], 2),
-           "pointwise_over_e2rank_cold": round(ms["pointwise"] / ms["e2rank_cold"], 2)}
+    ms = {
+        k: 1000 * statistics.median(v) for k, v in (("e2rank_warm", warm), ("e2rank_cold", cold), ("pointwise", point))
+    }
+    out = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dtype": str(rer.dtype),
+        "queries": len(qids),
+        "top_k": args.top_k,
+        "prompt_k": args.prompt_k,
+        "doc_len": args.doc_len,
+        "ms_per_query": {k: round(v, 1) for k, v in ms.items()},
+        "pointwise_over_e2rank_warm": round(ms["pointwise"] / ms["e2rank_warm"], 2),
+        "pointwise_over_e2rank_cold": round(ms["pointwise"] / ms["e2rank_cold"], 2),
+    }
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -1,10 +1,12 @@
 """`python -m data_pipeline [--config recipe.yaml] key=value ...` (the same under `ray job submit`): pre-tokenize.
 `python -m data_pipeline teacher [--config recipe.yaml] key=value ...`: graded listwise slates (teacher.py).
-`python -m data_pipeline verify DIR [--no-checksum]`: every shard against the manifest; exit 1 naming those to rebuild."""
+`python -m data_pipeline verify DIR [--no-checksum]`: every shard against the manifest; exit 1 naming those to
+rebuild."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from common.typed_config import ConfigError, help_text, load
@@ -17,9 +19,15 @@ def teacher_main(argv: list[str]) -> int:
     from .teacher import TeacherConfig
     from .teacher import run as run_teacher
 
-    ap = argparse.ArgumentParser(prog="python -m data_pipeline teacher", description=(
-        "Graded listwise slates from a BEIR split's qrels, ordered inside each grade by BM25, a model or both (Ray Data)."),
-        epilog=help_text(TeacherConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m data_pipeline teacher",
+        description=(
+            "Graded listwise slates from a BEIR split's qrels, ordered inside each grade by BM25, a model or both "
+            "(Ray Data)."
+        ),
+        epilog=help_text(TeacherConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", help="YAML recipe")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. beir=DIR output=slates.jsonl order=fusion")
     args = ap.parse_args(argv)
@@ -34,8 +42,10 @@ def teacher_main(argv: list[str]) -> int:
 def verify_main(argv: list[str]) -> int:
     from .shards import ShardFormatError, verify
 
-    ap = argparse.ArgumentParser(prog="python -m data_pipeline verify",
-                                 description="Check every shard of a folder against its manifest (size and sha256).")
+    ap = argparse.ArgumentParser(
+        prog="python -m data_pipeline verify",
+        description="Check every shard of a folder against its manifest (size and sha256).",
+    )
     ap.add_argument("dir")
     ap.add_argument("--no-checksum", action="store_true", help="sizes only (fast)")
     args = ap.parse_args(argv)
@@ -47,8 +57,11 @@ def verify_main(argv: list[str]) -> int:
     for name, why in bad.items():
         print(f"{name}: {why}")
     if bad:
-        print(f"{len(bad)} shard(s) to rebuild; re-run the pipeline with the same config and output={args.dir}: "
-              "it rebuilds only these", file=sys.stderr)
+        print(
+            f"{len(bad)} shard(s) to rebuild; re-run the pipeline with the same config and output={args.dir}: "
+            "it rebuilds only these",
+            file=sys.stderr,
+        )
         return 1
     print(f"{args.dir}: every shard matches the manifest")
     return 0
@@ -56,6 +69,7 @@ def verify_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the job's progress lines
     if argv[:1] == ["teacher"]:
         return teacher_main(argv[1:])
     if argv[:1] == ["verify"]:

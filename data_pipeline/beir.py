@@ -6,32 +6,10 @@ excluding every judged-relevant document of the query.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
-
-def load_corpus(path: Path) -> dict[str, str]:
-    out = {}
-    with open(path) as f:
-        for line in f:
-            d = json.loads(line)
-            title = (d.get("title") or "").strip()
-            out[str(d["_id"])] = (title + ". " if title else "") + d["text"]
-    return out
-
-
-def load_queries(path: Path) -> dict[str, str]:
-    with open(path) as f:
-        return {str(d["_id"]): d["text"] for d in map(json.loads, f)}
-
-
-def load_qrels(path: Path) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path) as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
-    return qrels
+from evaluation.readers import load_corpus, load_qrels, load_queries
 
 
 def bm25_search(corpus: dict[str, str], queries: dict[str, str], k: int) -> dict[str, list[str]]:

@@ -162,7 +162,8 @@ def parse_listwise(obj: dict) -> ListwiseRecord:
     has_rank = obj.get("ranking") is not None
     rel = _relevance(obj, len(docs)) if obj.get("relevance") is not None else None
     if not has_rank and rel is None:
-        raise BadRecord("missing_field", "field 'ranking' (a permutation) or 'relevance' (a grade per document) is missing")
+        raise BadRecord("missing_field",
+                        "field 'ranking' (a permutation) or 'relevance' (a grade per document) is missing")
     if has_rank:
         ranking = obj["ranking"]
         if not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
@@ -180,8 +181,10 @@ def parse_listwise(obj: dict) -> ListwiseRecord:
         if rel is not None:
             for a, b in zip(order, order[1:]):
                 if rel[a] < rel[b]:
-                    raise BadRecord("bad_ranking", f"ranking puts document {a + 1} (grade {rel[a]:g}) above document "
-                                                   f"{b + 1} (grade {rel[b]:g})")
+                    raise BadRecord(
+                        "bad_ranking",
+                        f"ranking puts document {a + 1} (grade {rel[a]:g}) above document {b + 1} (grade {rel[b]:g})",
+                    )
         return ListwiseRecord(query, docs, order, _source(obj))
     order = tuple(sorted(range(len(docs)), key=lambda i: -rel[i]))  # stable: ties keep the stored order
     grades = sorted(set(rel), reverse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,6 +29,8 @@ from .config import PipelineConfig
 from .instructions import InstructionTable
 from .shards import MANIFEST, SCHEMA_VERSION, atomic_write_bytes, verify, write_manifest
 from .text import TextEncoder
+
+log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = {".jsonl": "jsonl", ".parquet": "parquet"}
 
@@ -158,7 +161,7 @@ class _RayShardActor:
         return {"stats": out}
 
 
-def _ray_init(cfg: PipelineConfig):
+def ray_init(cfg: PipelineConfig):
     import ray
 
     if ray.is_initialized():
@@ -182,7 +185,7 @@ def _ray_init(cfg: PipelineConfig):
     return True
 
 
-def run(cfg: PipelineConfig, log=print) -> dict[str, Any]:
+def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the job to completion (or raise PipelineError); returns the manifest."""
     t0 = time.time()
     if not cfg.output:
@@ -199,13 +202,16 @@ def run(cfg: PipelineConfig, log=print) -> dict[str, Any]:
         same = m.get("config_hash") == config_hash and m.get("inputs") == inputs
         damaged = verify(out) if same else {}
         if same and not damaged:
-            log(
-                f"[pipeline] {out} is complete for this config and input ({m['totals']['samples']} samples); nothing to do"
+            log.info(
+                f"[pipeline] {out} is complete for this config and input ({m['totals']['samples']} samples); "
+                "nothing to do"
             )
             return m
         if damaged:  # rebuild exactly those (the build is deterministic: the same bytes come back)
-            log(f"[pipeline] {len(damaged)} damaged shard(s), rebuilding them: "
-                + "; ".join(f"{n}: {why}" for n, why in damaged.items()))
+            log.info(
+                f"[pipeline] {len(damaged)} damaged shard(s), rebuilding them: "
+                + "; ".join(f"{n}: {why}" for n, why in damaged.items())
+            )
             for name in damaged:
                 (out / name).unlink(missing_ok=True)
         elif not cfg.overwrite:
@@ -223,13 +229,13 @@ def run(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     builder = ShardBuilder(cfg, encoder, table)
     done = {p["shard"]: s for p in plans if (s := builder.is_done(out, p)) is not None}
     todo = [p for p in plans if p["shard"] not in done]
-    log(
+    log.info(
         f"[pipeline] {cfg.kind}: {sum(i['records'] for i in inputs)} records in {len(files)} file(s) -> "
         f"{len(plans)} shard(s) of <= {cfg.samples_per_shard}; {len(done)} already built, {len(todo)} to build "
         f"with {cfg.num_workers} tokenizer actor(s); tokenizer {cfg.tokenization.tokenizer}"
     )
     if todo:
-        _build_with_ray(cfg, todo, out, log)
+        _build_with_ray(cfg, todo, out)
     stats = [builder.is_done(out, p) for p in plans]
     missing = [p["shard"] for p, s in zip(plans, stats) if s is None]
     if missing:
@@ -282,7 +288,7 @@ def run(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     frac = n_bad / max(records, 1)
     summary = _summary(manifest, out, time.time() - t0)
     if frac > cfg.max_bad_fraction:
-        log(summary)
+        log.info(summary)
         raise PipelineError(
             f"{n_bad} of {records} records ({frac:.1%}) are bad, above max_bad_fraction={cfg.max_bad_fraction:.1%}: "
             f"{dict(bad)}; see {out / 'quarantine.jsonl'} (file, line and reason for each). No manifest was written."
@@ -292,15 +298,15 @@ def run(cfg: PipelineConfig, log=print) -> dict[str, Any]:
             f"empty corpus: no valid record in {[str(f) for f, _ in files]}; see {out / 'quarantine.jsonl'}"
         )
     write_manifest(out, manifest)
-    log(summary)
+    log.info(summary)
     return manifest
 
 
-def _build_with_ray(cfg: PipelineConfig, todo: list[dict], out: Path, log) -> None:
+def _build_with_ray(cfg: PipelineConfig, todo: list[dict], out: Path) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    started = _ray_init(cfg)
+    started = ray_init(cfg)
     try:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -326,7 +332,8 @@ def _build_with_ray(cfg: PipelineConfig, todo: list[dict], out: Path, log) -> No
                 raise PipelineError(
                     f"out of disk space writing shards to {out}: no manifest was written and no partial shard is "
                     "left under a final name; free space (or choose another output) and re-run: finished shards "
-                    "are kept and only the rest is built") from e
+                    "are kept and only the rest is built"
+                ) from e
             raise
         finally:
             bar.close()

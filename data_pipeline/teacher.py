@@ -23,13 +23,18 @@ forced in (a query with none there has no slate). Such slates must keep their or
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .beir import bm25_search, load_corpus, load_qrels, load_queries
+from evaluation.readers import load_corpus, load_qrels, load_queries
+
+from .beir import bm25_search
+
+log = logging.getLogger(__name__)
 
 RRF_K = 60  # Cormack et al. 2009
 
@@ -67,7 +72,7 @@ class TeacherConfig:
 
 def build_slates(cfg: TeacherConfig) -> list[dict]:
     """Slates with grades and first-stage ranks (no model yet): [{qid, query, docs, texts, grades, first}]."""
-    from trainer.evaluation import read_trec_run
+    from evaluation.readers import read_trec_run
 
     d = Path(cfg.beir)
     corpus, queries = load_corpus(d / "corpus.jsonl"), load_queries(d / "queries.jsonl")
@@ -124,7 +129,7 @@ class _ModelScorer:
 
     def __init__(self, model: str, pooling: str):
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
-        from trainer.reranker import Reranker
+        from evaluation.reranker import Reranker
 
         self.reranker = Reranker.from_base(model, pooling=pooling, query_format="native")
 
@@ -137,13 +142,14 @@ class _ModelScorer:
         return {"slate": batch["slate"], "scores": scores}
 
 
-def run(cfg: TeacherConfig, log=print) -> dict:
+def run(cfg: TeacherConfig) -> dict:
     """Write cfg.output; returns counts."""
     cfg.validate()
     source = cfg.source or Path(cfg.beir).name
     slates = build_slates(cfg)
     if not slates:
-        raise ValueError(f"teacher: no query of {cfg.beir} split {cfg.split} has a relevant document among its candidates")
+        raise ValueError(f"teacher: no query of {cfg.beir} split {cfg.split} has a relevant document among its "
+                         "candidates")
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -158,8 +164,10 @@ def run(cfg: TeacherConfig, log=print) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     pairs = sum(sum(1 for a in s["grades"] for b in s["grades"] if a > b) for s in slates)
-    log(f"[teacher] {n} slates of <= {cfg.slate_size} ({cfg.order}) from {cfg.beir} {cfg.split} -> {out}; "
-        f"{pairs} cross-grade pairs")
+    log.info(
+        f"[teacher] {n} slates of <= {cfg.slate_size} ({cfg.order}) from {cfg.beir} {cfg.split} -> {out}; "
+        f"{pairs} cross-grade pairs"
+    )
     return {"slates": n, "cross_grade_pairs": pairs}
 
 
@@ -172,16 +180,21 @@ def _scored(cfg: TeacherConfig, slates: list[dict]):
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from .job import _ray_init
+    from .job import ray_init
 
-    started = _ray_init(cfg)
+    started = ray_init(cfg)
     try:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = True  # the output file follows the query order
         ds = ray.data.from_items([{"slate": json.dumps(s)} for s in slates])
-        ds = ds.map_batches(_ModelScorer, fn_constructor_kwargs={"model": cfg.model, "pooling": cfg.pooling},
-                            batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=cfg.num_workers), num_cpus=1)
+        ds = ds.map_batches(
+            _ModelScorer,
+            fn_constructor_kwargs={"model": cfg.model, "pooling": cfg.pooling},
+            batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=cfg.num_workers),
+            num_cpus=1,
+        )
         for row in ds.iter_rows():
             yield json.loads(row["slate"]), json.loads(row["scores"])
     finally:

@@ -66,7 +66,8 @@ class TokenizationConfig:
     prompt_doc_max_len: int = 128  # a candidate's cap inside the listwise prompt, before fair sharing
     eos_token: str = "auto"  # auto: the pad token if set (Qwen3: <|endoftext|>, as E2Rank), else the EOS token
     use_chat_template: bool = True  # listwise prompts inside the tokenizer's chat template (thinking disabled)
-    query_template: str = QUERY_TEMPLATE  # {instruction} and {query}; baselines: "{query}" or a sentence-transformers prompt
+    # {instruction} and {query}; baselines: "{query}" or a sentence-transformers prompt
+    query_template: str = QUERY_TEMPLATE
 
     def validate(self) -> None:
         for name in ("query_max_len", "doc_max_len", "prompt_max_len", "prompt_doc_max_len"):

@@ -28,9 +28,10 @@ def main(argv=None) -> int:
     from common.typed_config import from_dict
     from data_pipeline.instructions import InstructionTable
     from data_pipeline.text import QUERY_TEMPLATE, TextEncoder, TokenizationConfig
+    from evaluation.metrics import paired_test, per_query_of_run
+    from evaluation.reranker import Reranker
+    from evaluation.scoring import evaluate
     from experiments.sets import real_sets
-    from trainer.evaluation import evaluate, paired_test, per_query_of_run
-    from trainer.reranker import Reranker
 
     torch.set_num_threads(os.cpu_count() or 1)
     d, out = Path(args.data), Path(args.out)
@@ -42,16 +43,28 @@ def main(argv=None) -> int:
     for name, es in sets.items():
         ins = InstructionTable.load().lookup(name, True)
         for template in formats.values():
-            r.text = TextEncoder(r.text.tok, from_dict(TokenizationConfig, {**r.text.cfg.__dict__, "query_template": template}))
+            r.text = TextEncoder(
+                r.text.tok, from_dict(TokenizationConfig, {**r.text.cfg.__dict__, "query_template": template})
+            )
             tag = "native" if template == native else "e2rank"
-            res[f"{name}/{tag}"] = evaluate(r, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,
-                                            out_dir=out, tag=tag, progress=False)
+            res[f"{name}/{tag}"] = evaluate(
+                r,
+                es,
+                query_instruction=ins.query[0],
+                rerank_instruction=ins.rerank,
+                out_dir=out,
+                tag=tag,
+                progress=False,
+            )
         pq = {t: per_query_of_run(es.qrels, out, es.name, t, "retrieval") for t in ("native", "e2rank")}
         res[f"{name}/retrieval native vs e2rank"] = paired_test(pq["e2rank"], pq["native"])
     (out / "results.json").write_text(json.dumps(res, indent=1))
     for name in sets:
-        line = " | ".join(f"{t} retrieval {res[f'{name}/{t}']['retrieval']['NDCG@10']:.4f} listwise "
-                          f"{res[f'{name}/{t}']['listwise']['NDCG@10']:.4f}" for t in ("native", "e2rank"))
+        line = " | ".join(
+            f"{t} retrieval {res[f'{name}/{t}']['retrieval']['NDCG@10']:.4f} listwise "
+            f"{res[f'{name}/{t}']['listwise']['NDCG@10']:.4f}"
+            for t in ("native", "e2rank")
+        )
         t = res[f"{name}/retrieval native vs e2rank"]
         print(f"{name}: {line} | retrieval native - e2rank {t['diff']:+.4f} (p={t['p_ttest']:.2g})")
     return 0

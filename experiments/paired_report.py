@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.evaluation import paired_test, per_query_of_run, run_file
+from evaluation.metrics import paired_test, per_query_of_run, run_file
 
 Side = tuple[str, str]  # (tag, mode)
 

@@ -33,9 +33,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from data_pipeline.instructions import InstructionTable
+    from evaluation.metrics import paired_test, per_query_of_run
+    from evaluation.readers import load_eval_set
+    from evaluation.reranker import Reranker
+    from evaluation.scoring import evaluate
     from experiments.sets import real_sets
-    from trainer.evaluation import evaluate, load_eval_set, paired_test, per_query_of_run
-    from trainer.reranker import Reranker
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,10 +49,13 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[prompt-size {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    dev = load_eval_set(args.dev, split="dev", run=Path(args.dev) / "runs" / "bm25.dev.trec", max_queries=args.max_queries or 100)
+    dev = load_eval_set(
+        args.dev, split="dev", run=Path(args.dev) / "runs" / "bm25.dev.trec", max_queries=args.max_queries or 100
+    )
     for i, k in enumerate(sorted(args.ks, reverse=True)):  # retrieval once; documents are cached after the first
-        r = evaluate(rer, dev, modes=("retrieval", "listwise") if i == 0 else ("listwise",), prompt_k=k,
-                     tag=f"k{k}", **kw)
+        r = evaluate(
+            rer, dev, modes=("retrieval", "listwise") if i == 0 else ("listwise",), prompt_k=k, tag=f"k{k}", **kw
+        )
         if i == 0:
             res["dev"]["retrieval"] = r["retrieval"]["NDCG@10"]
         res["dev"][f"listwise_k{k}"] = r["listwise"]["NDCG@10"]
@@ -61,8 +66,9 @@ def main(argv=None) -> int:
 
     sci = real_sets(args.data, args.max_queries)["scifact"]
     for i, k in enumerate(sorted({args.paper_k, best}, reverse=True)):
-        r = evaluate(rer, sci, modes=("retrieval", "listwise") if i == 0 else ("listwise",), prompt_k=k,
-                     tag=f"k{k}", **kw)
+        r = evaluate(
+            rer, sci, modes=("retrieval", "listwise") if i == 0 else ("listwise",), prompt_k=k, tag=f"k{k}", **kw
+        )
         if i == 0:
             res["test"]["retrieval"] = r["retrieval"]["NDCG@10"]
             res["test"]["bm25"] = r["first_stage"]["NDCG@10"]
@@ -71,15 +77,23 @@ def main(argv=None) -> int:
 
     q = sci.qrels
     tag_ret = f"k{max(args.paper_k, best)}"  # retrieval and BM25 were scored with the first (largest) k's tag
-    runs = {"retrieval": per_query_of_run(q, out, "scifact", tag_ret, "retrieval"),
-            "bm25": per_query_of_run(q, out, "scifact", tag_ret, "first_stage"),
-            **{f"listwise_k{k}": per_query_of_run(q, out, "scifact", f"k{k}", "listwise") for k in {args.paper_k, best}}}
-    pairs = [(f"listwise_k{best}", f"listwise_k{args.paper_k}"), (f"listwise_k{best}", "retrieval"),
-             (f"listwise_k{args.paper_k}", "retrieval"), (f"listwise_k{best}", "bm25")]
+    runs = {
+        "retrieval": per_query_of_run(q, out, "scifact", tag_ret, "retrieval"),
+        "bm25": per_query_of_run(q, out, "scifact", tag_ret, "first_stage"),
+        **{f"listwise_k{k}": per_query_of_run(q, out, "scifact", f"k{k}", "listwise") for k in {args.paper_k, best}},
+    }
+    pairs = [
+        (f"listwise_k{best}", f"listwise_k{args.paper_k}"),
+        (f"listwise_k{best}", "retrieval"),
+        (f"listwise_k{args.paper_k}", "retrieval"),
+        (f"listwise_k{best}", "bm25"),
+    ]
     res["paired"] = [{"b": b, "a": a, **paired_test(runs[a], runs[b])} for b, a in pairs if a != b]
     for t in res["paired"]:
-        log(f"test {t['b']} vs {t['a']}: {t['mean_a']:.4f} -> {t['mean_b']:.4f} ({t['diff']:+.4f} "
-            f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}], p={t['p_ttest']:.2g})")
+        log(
+            f"test {t['b']} vs {t['a']}: {t['mean_a']:.4f} -> {t['mean_b']:.4f} ({t['diff']:+.4f} "
+            f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}], p={t['p_ttest']:.2g})"
+        )
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(out / "results.json")

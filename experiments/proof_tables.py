@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trainer.evaluation import paired_test
+from evaluation.metrics import paired_test
 
 PerQuery = dict[str, dict[str, dict[str, float]]]  # seed -> "<set>.<model>.<mode>" -> qid -> NDCG@10
 SETS = (("scifact", "SciFact test"), ("noveleval", "NovelEval"))
@@ -90,7 +90,10 @@ def models_table(pq: PerQuery) -> list[str]:
 def paired_tests(pq: PerQuery, comparisons=COMPARISONS) -> tuple[list[str], list[dict]]:
     """Paired tests on per-query scores pooled over the seeds both sides share; comparisons with a missing side are
     listed as not scored rather than dropped."""
-    lines = ["| set | b vs a | seeds | queries | NDCG@10 a -> b | b - a [95% CI] | p |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| set | b vs a | seeds | queries | NDCG@10 a -> b | b - a [95% CI] | p |",
+        "|---|---|---|---|---|---|---|",
+    ]
     stats = []
     for s, b, a in comparisons:
         seeds = sorted(x for x in pq if f"{s}.{a}" in pq[x] and f"{s}.{b}" in pq[x])
@@ -100,8 +103,10 @@ def paired_tests(pq: PerQuery, comparisons=COMPARISONS) -> tuple[list[str], list
         sub = {x: pq[x] for x in seeds}
         t = paired_test(pooled(sub, f"{s}.{a}")[0], pooled(sub, f"{s}.{b}")[0])
         stats.append({"set": s, "b": b, "a": a, "seeds": seeds, **t})
-        lines.append(f"| {s} | {b} vs {a} | {len(seeds)} | {t['queries']} | {t['mean_a']:.4f} -> {t['mean_b']:.4f} | "
-                     f"{t['diff']:+.4f} [{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}] | {t['p_ttest']:.2g} |")
+        lines.append(
+            f"| {s} | {b} vs {a} | {len(seeds)} | {t['queries']} | {t['mean_a']:.4f} -> {t['mean_b']:.4f} | "
+            f"{t['diff']:+.4f} [{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}] | {t['p_ttest']:.2g} |"
+        )
     return lines, stats
 
 
@@ -112,16 +117,28 @@ def per_seed_targets(pq: PerQuery) -> list[str]:
         a, b = pq[seed].get("scifact.stage2.first_stage"), pq[seed].get("scifact.stage2.listwise")
         if a and b:
             t = paired_test(a, b)
-            lines.append(f"| {seed} | {t['mean_a']:.4f} -> {t['mean_b']:.4f} | {t['diff']:+.4f} "
-                         f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}] | {t['p_ttest']:.2g} |")
+            lines.append(
+                f"| {seed} | {t['mean_a']:.4f} -> {t['mean_b']:.4f} | {t['diff']:+.4f} "
+                f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}] | {t['p_ttest']:.2g} |"
+            )
     return lines
 
 
 def render(pq: PerQuery) -> tuple[str, list[dict]]:
     t_lines, stats = paired_tests(pq)
-    text = "\n".join(["NDCG@10 (mean over seeds; each seed in brackets):", "", *models_table(pq), "",
-                      "Paired tests, per-query NDCG@10 averaged over the seeds both sides have:", "", *t_lines, "",
-                      *per_seed_targets(pq)])
+    text = "\n".join(
+        [
+            "NDCG@10 (mean over seeds; each seed in brackets):",
+            "",
+            *models_table(pq),
+            "",
+            "Paired tests, per-query NDCG@10 averaged over the seeds both sides have:",
+            "",
+            *t_lines,
+            "",
+            *per_seed_targets(pq),
+        ]
+    )
     return text + "\n", stats
 
 
@@ -133,8 +150,12 @@ def wrap(flat: dict[str, dict[str, float]], seed: int) -> PerQuery:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="a results folder holding per_query.json")
-    ap.add_argument("--seed", type=int, default=None,
-                    help="the file is an older flat one of this seed: rewrite it keyed by seed first")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the file is an older flat one of this seed: rewrite it keyed by seed first",
+    )
     args = ap.parse_args(argv)
     f = args.folder / "per_query.json"
     if args.seed is not None:

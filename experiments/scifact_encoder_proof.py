@@ -25,20 +25,25 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.beir import bm25_contrastive, bm25_search, load_corpus, load_qrels, load_queries
+from data_pipeline.beir import bm25_contrastive, bm25_search
 from data_pipeline.config import PipelineConfig
 from data_pipeline.instructions import InstructionTable
 from data_pipeline.job import run as run_pipeline
 from data_pipeline.text import TokenizationConfig
+from evaluation.readers import load_corpus, load_qrels, load_queries
+from evaluation.reranker import Reranker
+from evaluation.scoring import evaluate
 from experiments.sets import real_sets
-from trainer.evaluation import evaluate
-from trainer.reranker import Reranker
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def listwise_records(data: Path, base: Reranker, out: Path, slate: int, instr: str) -> int:
-    corpus, queries, qrels = load_corpus(data / "corpus.jsonl"), load_queries(data / "queries.jsonl"), load_qrels(data / "qrels" / "train.tsv")
+    corpus, queries, qrels = (
+        load_corpus(data / "corpus.jsonl"),
+        load_queries(data / "queries.jsonl"),
+        load_qrels(data / "qrels" / "train.tsv"),
+    )
     qids = [q for q in sorted(qrels) if q in queries]
     top = bm25_search(corpus, {q: queries[q] for q in qids}, 30)
     hits = [top[q] for q in qids]
@@ -57,15 +62,29 @@ def listwise_records(data: Path, base: Reranker, out: Path, slate: int, instr: s
             ranked = ranked[:slate]
             rng = np.random.default_rng(int(q))
             stored = list(rng.permutation(ranked))
-            rec = {"query": queries[q], "document": [corpus[d] for d in stored],
-                   "ranking": [stored.index(d) + 1 for d in ranked], "source": "scifact"}
+            rec = {
+                "query": queries[q],
+                "document": [corpus[d] for d in stored],
+                "ranking": [stored.index(d) + 1 for d in ranked],
+                "source": "scifact",
+            }
             f.write(json.dumps(rec) + "\n")
             n += 1
     return n
 
 
 def torchrun(args: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer",
+        *args,
+    ]
     with open(log, "a") as lf:
         r = subprocess.run(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT)
     if r.returncode:
@@ -92,51 +111,110 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train.log"
     ins = InstructionTable.load().lookup("scifact", False)
-    tok = TokenizationConfig(tokenizer=args.model, query_max_len=64, doc_max_len=args.doc_len, prompt_max_len=512,
-                             prompt_doc_max_len=48)
+    tok = TokenizationConfig(
+        tokenizer=args.model, query_max_len=64, doc_max_len=args.doc_len, prompt_max_len=512, prompt_doc_max_len=48
+    )
     base = Reranker.from_base(args.model, pooling=args.pooling, tokenization=tok, batch_size=64)
     s1, s2 = out / "stage1.jsonl", out / "stage2.jsonl"
     if not s1.exists():
-        print(f"[proof] stage-1 data: {bm25_contrastive(data / 'scifact', 'train', s1, negatives=7, source='scifact')} records")
+        print(
+            "[proof] stage-1 data: "
+            f"{bm25_contrastive(data / 'scifact', 'train', s1, negatives=7, source='scifact')} records"
+        )
     if not s2.exists():
         print(f"[proof] stage-2 data: {listwise_records(data / 'scifact', base, s2, args.slate, ins.query[0])} slates")
     for kind, src in (("contrastive", s1), ("listwise", s2)):
-        run_pipeline(PipelineConfig(kind=kind, inputs=[str(src)], output=str(out / f"shards-{kind}"), samples_per_shard=200,
-                                    tokenization=tok, progress=False), log=print)
+        run_pipeline(
+            PipelineConfig(
+                kind=kind,
+                inputs=[str(src)],
+                output=str(out / f"shards-{kind}"),
+                samples_per_shard=200,
+                tokenization=tok,
+                progress=False,
+            )
+        )
     common = [f"model.pooling={args.pooling}", "model.dtype=fp32", "deepspeed.zero_stage=3", "run.save_every=1000"]
     t1 = time.time()
-    torchrun(["stage=1", f"shards={out / 'shards-contrastive'}", f"model.path={args.model}", f"run.output_dir={out / 'stage1'}",
-              "loader.batch_size=8", "loader.negatives_per_query=3", "optim.lr=0.00003", "optim.warmup_steps=5",
-              f"run.max_steps={args.stage1_steps}", "loss.temperature=0.05", *common], log)
+    torchrun(
+        [
+            "stage=1",
+            f"shards={out / 'shards-contrastive'}",
+            f"model.path={args.model}",
+            f"run.output_dir={out / 'stage1'}",
+            "loader.batch_size=8",
+            "loader.negatives_per_query=3",
+            "optim.lr=0.00003",
+            "optim.warmup_steps=5",
+            f"run.max_steps={args.stage1_steps}",
+            "loss.temperature=0.05",
+            *common,
+        ],
+        log,
+    )
     t2 = time.time()
-    torchrun(["stage=2", f"shards={out / 'shards-listwise'}", f"model.path={out / 'stage1' / 'export'}",
-              f"run.output_dir={out / 'stage2'}", "loader.batch_size=4", "optim.lr=0.00002", "optim.warmup_steps=5",
-              f"run.max_steps={args.stage2_steps}", "loss.temperature=0.05", *common], log)
+    torchrun(
+        [
+            "stage=2",
+            f"shards={out / 'shards-listwise'}",
+            f"model.path={out / 'stage1' / 'export'}",
+            f"run.output_dir={out / 'stage2'}",
+            "loader.batch_size=4",
+            "optim.lr=0.00002",
+            "optim.warmup_steps=5",
+            f"run.max_steps={args.stage2_steps}",
+            "loss.temperature=0.05",
+            *common,
+        ],
+        log,
+    )
     t3 = time.time()
     sets = real_sets(data)
     if args.eval_queries:
         keep = sorted(sets["scifact"].run)[: args.eval_queries]
         sets["scifact"].run = {q: sets["scifact"].run[q] for q in keep}
-    models = {"base": base, "stage1": Reranker.from_pretrained(out / "stage1" / "export", batch_size=64),
-              "stage2": Reranker.from_pretrained(out / "stage2" / "export", batch_size=64)}
+    models = {
+        "base": base,
+        "stage1": Reranker.from_pretrained(out / "stage1" / "export", batch_size=64),
+        "stage2": Reranker.from_pretrained(out / "stage2" / "export", batch_size=64),
+    }
     res = {}
     for name, es in sets.items():
         for tag, m in models.items():
             modes = ("retrieval", "listwise")
-            res[(name, tag)] = evaluate(m, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,
-                                        modes=modes, out_dir=out / "eval", tag=tag)
+            res[(name, tag)] = evaluate(
+                m,
+                es,
+                query_instruction=ins.query[0],
+                rerank_instruction=ins.rerank,
+                modes=modes,
+                out_dir=out / "eval",
+                tag=tag,
+            )
     t4 = time.time()
-    cols = [("base", "retrieval"), ("base", "listwise"), ("stage1", "retrieval"), ("stage1", "listwise"),
-            ("stage2", "retrieval"), ("stage2", "listwise")]
-    rows = ["| set, NDCG@10 | BM25 (first stage) | " + " | ".join(f"{t}, {m}" for t, m in cols) + " |",
-            "|---" * (len(cols) + 2) + "|"]
+    cols = [
+        ("base", "retrieval"),
+        ("base", "listwise"),
+        ("stage1", "retrieval"),
+        ("stage1", "listwise"),
+        ("stage2", "retrieval"),
+        ("stage2", "listwise"),
+    ]
+    rows = [
+        "| set, NDCG@10 | BM25 (first stage) | " + " | ".join(f"{t}, {m}" for t, m in cols) + " |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
     for name in sets:
         first = res[(name, "base")]
         cells = [f"{res[(name, t)][m]['NDCG@10']:.4f}" for t, m in cols]
-        rows.append(f"| {name} ({first['queries']} q) | {first['first_stage']['NDCG@10']:.4f} | " + " | ".join(cells) + " |")
+        rows.append(
+            f"| {name} ({first['queries']} q) | {first['first_stage']['NDCG@10']:.4f} | " + " | ".join(cells) + " |"
+        )
     table = "\n".join(rows)
-    timing = (f"data+pipeline {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, evaluation {t4 - t3:.0f}s, "
-              f"total {t4 - t0:.0f}s")
+    timing = (
+        f"data+pipeline {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, evaluation {t4 - t3:.0f}s, "
+        f"total {t4 - t0:.0f}s"
+    )
     (out / "results.md").write_text(table + "\n\n" + timing + "\n")
     (out / "results.json").write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in res.items()}, indent=1))
     print(table)

@@ -78,13 +78,22 @@ def prepare(args) -> None:
     for t in TEACHERS:
         if not inputs[t].exists():
             run_teacher(TeacherConfig(beir=str(dev), split="train", output=str(inputs[t]), slate_size=16,
-                                      depth=30, source="scifact", num_workers=2, **SLATES[t]), log=log)
+                                      depth=30, source="scifact", num_workers=2, **SLATES[t]))
     tok = TokenizationConfig(tokenizer=args.model, **TOKENIZATION)
     for name, src in inputs.items():
         kind = "contrastive" if name == "contrastive" else "listwise"
         keep_order = SLATES.get(name, {}).get("slate") == "first_stage"
-        run_pipeline(PipelineConfig(kind=kind, inputs=[str(src)], output=str(out / f"shards-{name}"), samples_per_shard=200,
-                                    tokenization=tok, progress=False, shuffle_candidates=not keep_order), log=log)
+        run_pipeline(
+            PipelineConfig(
+                kind=kind,
+                inputs=[str(src)],
+                output=str(out / f"shards-{name}"),
+                samples_per_shard=200,
+                tokenization=tok,
+                progress=False,
+                shuffle_candidates=not keep_order,
+            )
+        )
 
 
 # -- run: train + evaluate --------------------------------------------------------------------------------------
@@ -120,26 +129,59 @@ class Runner:
         if not self.time_left(f"training {name}", True):
             return None
         dev = self.out / "scifact-dev"
-        steps, batch, budget, every = (a.stage1_steps, a.stage1_batch, a.stage1_budget, a.eval_every) if stage == 1 \
+        steps, batch, budget, every = (
+            (a.stage1_steps, a.stage1_batch, a.stage1_budget, a.eval_every)
+            if stage == 1
             else (a.stage2_steps, a.stage2_batch, a.stage2_budget, a.stage2_eval_every or a.eval_every)
-        overrides = [f"stage={stage}", f"shards={self.out / shards}", f"model.path={init}", f"run.output_dir={folder}",
-                     f"model.pooling={default_pooling(a.model)}", "model.dtype=auto", f"model.gradient_checkpointing={a.grad_ckpt}",
-                     f"run.seed={seed}", f"loader.seed={seed}", f"run.max_steps={steps}", f"run.save_every={steps}", "run.log_every=1",
-                     f"run.time_budget_s={budget}",
-                     f"run.global_batch_size={batch}", f"optim.lr={lr}", f"optim.warmup_steps={max(1, int(steps * a.warmup))}",
-                     f"loss.temperature={tau}", "loader.negatives_per_query=3",
-                     f"eval.data={dev}", "eval.split=dev", f"eval.run={dev / 'runs' / 'bm25.dev.trec'}",
-                     "eval.source=scifact", f"eval.every={every}", f"eval.max_queries={a.dev_queries}",
-                     f"deepspeed.zero_stage={a.zero_stage}", f"tracking.experiment={a.experiment}",
-                     f"tracking.run_name={name}", f"encode.chunk_tokens={a.chunk_tokens}",
-                     f"encode.min_chunk_efficiency={a.chunk_efficiency}",
-                     # parallel runs each keep their own store (sqlite has one writer); `report` imports them all
-                     f"tracking.tracking_uri={tracking_uri(a) if a.jobs == 1 else 'sqlite:///' + str((folder / 'mlflow.db').resolve())}"]
+        )
+        overrides = [
+            f"stage={stage}",
+            f"shards={self.out / shards}",
+            f"model.path={init}",
+            f"run.output_dir={folder}",
+            f"model.pooling={default_pooling(a.model)}",
+            "model.dtype=auto",
+            f"model.gradient_checkpointing={a.grad_ckpt}",
+            f"run.seed={seed}",
+            f"loader.seed={seed}",
+            f"run.max_steps={steps}",
+            f"run.save_every={steps}",
+            "run.log_every=1",
+            f"run.time_budget_s={budget}",
+            f"run.global_batch_size={batch}",
+            f"optim.lr={lr}",
+            f"optim.warmup_steps={max(1, int(steps * a.warmup))}",
+            f"loss.temperature={tau}",
+            "loader.negatives_per_query=3",
+            f"eval.data={dev}",
+            "eval.split=dev",
+            f"eval.run={dev / 'runs' / 'bm25.dev.trec'}",
+            "eval.source=scifact",
+            f"eval.every={every}",
+            f"eval.max_queries={a.dev_queries}",
+            f"deepspeed.zero_stage={a.zero_stage}",
+            f"tracking.experiment={a.experiment}",
+            f"tracking.run_name={name}",
+            f"encode.chunk_tokens={a.chunk_tokens}",
+            f"encode.min_chunk_efficiency={a.chunk_efficiency}",
+            # parallel runs each keep their own store (sqlite has one writer); `report` imports them all
+            "tracking.tracking_uri="
+            + (tracking_uri(a) if a.jobs == 1 else "sqlite:///" + str((folder / "mlflow.db").resolve())),
+        ]
         if a.profile_step and name == self.first_run:
             overrides.append(f"run.profile_step={a.profile_step}")
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
-               "-m", "trainer", *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(a.nproc),
+            "-m",
+            "trainer",
+            *overrides,
+        ]
         log(f"train {name}: {' '.join(cmd[5:])}")
         t = time.time()
         with open(folder / "train.log", "a") as f:
@@ -159,28 +201,47 @@ class Runner:
 
         from data_pipeline.instructions import InstructionTable
         from data_pipeline.text import TokenizationConfig
-        from trainer.evaluation import evaluate
-        from trainer.reranker import Reranker
+        from evaluation.reranker import Reranker
+        from evaluation.scoring import evaluate
 
         t = time.time()
         with self.load_lock:  # from_pretrained sets torch's default dtype process-wide: loads in two threads mix dtypes
-            rer = (Reranker.from_base(str(model), pooling=default_pooling(str(model)), batch_size=64, query_format="native",
-                                      tokenization=TokenizationConfig(**TOKENIZATION))
-                   if base else Reranker.from_pretrained(model, batch_size=64))
+            rer = (
+                Reranker.from_base(
+                    str(model),
+                    pooling=default_pooling(str(model)),
+                    batch_size=64,
+                    query_format="native",
+                    tokenization=TokenizationConfig(**TOKENIZATION),
+                )
+                if base
+                else Reranker.from_pretrained(model, batch_size=64)
+            )
         ins = InstructionTable.load().lookup("scifact", False)
         res = {"query_format": rer.query_format, "dtype": str(rer.dtype).replace("torch.", ""), "model": str(model)}
         for name, es in self.eval_sets().items():
-            res[name] = evaluate(rer, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank,
-                                 out_dir=self.out / "eval", tag=tag, progress=False)
+            res[name] = evaluate(
+                rer,
+                es,
+                query_instruction=ins.query[0],
+                rerank_instruction=ins.rerank,
+                out_dir=self.out / "eval",
+                tag=tag,
+                progress=False,
+            )
         with self.lock:
             self.results[tag] = res
             self.results_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.results_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.results, indent=1))
             tmp.replace(self.results_path)
-        log(f"eval {tag} ({time.time() - t:.0f}s): " + "; ".join(
-            f"{n} retrieval {res[n]['retrieval']['NDCG@10']:.4f} listwise {res[n]['listwise']['NDCG@10']:.4f}"
-            for n in self.eval_sets()))
+        log(
+            f"eval {tag} ({time.time() - t:.0f}s): "
+            + "; ".join(
+                f"{n} retrieval {res[n]['retrieval']['NDCG@10']:.4f} listwise {res[n]['listwise']['NDCG@10']:.4f}"
+                for n in self.eval_sets()
+            )
+        )
         del rer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -223,8 +284,11 @@ class Runner:
         self.first_run = grid_name(1, *grid1[0], a.seeds[0])
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             evals = [pool.submit(self.evaluate, "base", base, True)] if "base" in a.test_models else []
-            s1f = {(g, s): pool.submit(self.train, grid_name(1, *g, s), 1, base, s, "shards-contrastive", *g)
-                   for s in a.seeds for g in grid1}
+            s1f = {
+                (g, s): pool.submit(self.train, grid_name(1, *g, s), 1, base, s, "shards-contrastive", *g)
+                for s in a.seeds
+                for g in grid1
+            }
             s1 = {k: f.result() for k, f in s1f.items()}
             g1 = self.choose(s1, "dev_retrieval_ndcg_at_10", "stage 1 (lr, temperature)")
             if g1 is None:
@@ -235,14 +299,20 @@ class Runner:
             s2f = {}
             for s in a.seeds:
                 for lr in a.stage2_lrs:
-                    for t in [a.teacher] + ([x for x in a.compare_teachers if x != a.teacher] if s == a.seeds[0] else []):
+                    for t in [a.teacher] + (
+                        [x for x in a.compare_teachers if x != a.teacher] if s == a.seeds[0] else []
+                    ):
                         init = s1[(g1, s)]
                         if init is not None:
-                            s2f[(lr, t, s)] = pool.submit(self.train, grid_name(2, lr, tau, s, t), 2, str(init), s,
-                                                          f"shards-{t}", lr, tau)
+                            s2f[(lr, t, s)] = pool.submit(
+                                self.train, grid_name(2, lr, tau, s, t), 2, str(init), s, f"shards-{t}", lr, tau
+                            )
             s2 = {k: f.result() for k, f in s2f.items()}
-            lr2 = self.choose({((lr,), s): p for (lr, t, s), p in s2.items() if t == a.teacher},
-                              "dev_listwise_ndcg_at_10", f"stage 2 LR ({a.teacher} teacher)")
+            lr2 = self.choose(
+                {((lr,), s): p for (lr, t, s), p in s2.items() if t == a.teacher},
+                "dev_listwise_ndcg_at_10",
+                f"stage 2 LR ({a.teacher} teacher)",
+            )
             if lr2 is not None and "stage2" in a.test_models:
                 for (lr, t, s), p in s2.items():
                     if lr == lr2[0]:
@@ -262,8 +332,9 @@ def last_dev(folder: Path) -> dict[str, float]:
 
 # -- report -------------------------------------------------------------------------------------------------------
 def report(args) -> str:
+    from evaluation.metrics import paired_test, per_query, per_query_of_run
+    from evaluation.readers import read_trec_run
     from experiments.sets import real_sets
-    from trainer.evaluation import paired_test, per_query, per_query_of_run, read_trec_run
 
     out, d = Path(args.out), Path(args.data)
     res = json.loads((out / "eval" / "results.json").read_text())
@@ -274,9 +345,17 @@ def report(args) -> str:
     @functools.cache  # each table cell and test reads the same run files
     def pq(dataset: str, tag: str, mode: str) -> dict[str, float]:
         if mode == "first_stage":
-            run = {q: {doc: -r for r, (doc, _) in enumerate(h)} for q, h in read_trec_run(
-                d / "scifact" / "runs" / "bm25.top100.test.trec").items()} if dataset == "scifact" else \
-                {q: {doc: float(len(docs) - i) for i, doc in enumerate(docs)} for q, docs in sets["noveleval"].run.items()}
+            run = (
+                {
+                    q: {doc: -r for r, (doc, _) in enumerate(h)}
+                    for q, h in read_trec_run(d / "scifact" / "runs" / "bm25.top100.test.trec").items()
+                }
+                if dataset == "scifact"
+                else {
+                    q: {doc: float(len(docs) - i) for i, doc in enumerate(docs)}
+                    for q, docs in sets["noveleval"].run.items()
+                }
+            )
             run = {q: v for q, v in run.items() if q in qrels[dataset]}
         else:
             return per_query_of_run(qrels[dataset], out / "eval", dataset, tag, mode)
@@ -284,10 +363,14 @@ def report(args) -> str:
 
     def averaged(dataset: str, prefix: str, mode: str, seeds_of: str = "") -> tuple[dict[str, float], list[str]]:
         """Per-query NDCG@10 averaged over a model's seeds (only the seeds `seeds_of` also has, when given)."""
+
         def seeds(p: str) -> set[str]:
             return {t.rsplit("-seed", 1)[-1] for t in res if t == p or t.startswith(p + "-seed")}
+
         keep = seeds(seeds_of) if seeds_of else seeds(prefix)
-        tags = sorted(t for t in res if (t == prefix or t.startswith(prefix + "-seed")) and t.rsplit("-seed", 1)[-1] in keep)
+        tags = sorted(
+            t for t in res if (t == prefix or t.startswith(prefix + "-seed")) and t.rsplit("-seed", 1)[-1] in keep
+        )
         per = [pq(dataset, t, mode) for t in tags]
         qs = set.intersection(*(set(p) for p in per)) if per else set()
         return {q: sum(p[q] for p in per) / len(per) for q in qs}, tags
@@ -295,8 +378,10 @@ def report(args) -> str:
     models = [("base", "base"), ("stage 1", "stage1"), (f"stage 2 ({choice} teacher)", f"stage2-{choice}")]
     other = [t for t in TEACHERS if t != choice and any(k.startswith(f"stage2-{t}-seed") for k in res)]
     models += [(f"stage 2 ({t} teacher)", f"stage2-{t}") for t in other]
-    lines = ["| model | seeds | SciFact retrieval | SciFact listwise | NovelEval retrieval | NovelEval listwise |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | seeds | SciFact retrieval | SciFact listwise | NovelEval retrieval | NovelEval listwise |",
+        "|---|---|---|---|---|---|",
+    ]
     bm = {ds: sum(pq(ds, "", "first_stage").values()) / len(qrels[ds]) for ds in qrels}
     lines.append(f"| BM25 (first stage) | - | {bm['scifact']:.4f} | - | {bm['noveleval']:.4f} (given order) | - |")
     for label, prefix in models:
@@ -306,22 +391,32 @@ def report(args) -> str:
             for mode in ("retrieval", "listwise"):
                 vals, tags = averaged(ds, prefix, mode)
                 per_seed = [res[t][ds][mode]["NDCG@10"] for t in tags]
-                cells.append(f"{sum(vals.values()) / max(len(vals), 1):.4f}" +
-                             (f" ({', '.join(f'{v:.3f}' for v in per_seed)})" if len(per_seed) > 1 else ""))
+                cells.append(
+                    f"{sum(vals.values()) / max(len(vals), 1):.4f}"
+                    + (f" ({', '.join(f'{v:.3f}' for v in per_seed)})" if len(per_seed) > 1 else "")
+                )
         lines.append(f"| {label} | {len(tags)} | " + " | ".join(cells) + " |")
-    comparisons = [("scifact", ("stage1", "retrieval"), ("base", "retrieval")),
-                   ("scifact", (f"stage2-{choice}", "listwise"), ("stage1", "retrieval")),
-                   ("scifact", (f"stage2-{choice}", "listwise"), (f"stage2-{choice}", "retrieval")),
-                   ("scifact", (f"stage2-{choice}", "listwise"), ("bm25", "first_stage")),
-                   ("scifact", (f"stage2-{choice}", "listwise"), ("stage1", "listwise")),
-                   ("scifact", (f"stage2-{choice}", "retrieval"), ("stage1", "retrieval")),
-                   ("noveleval", (f"stage2-{choice}", "listwise"), ("base", "listwise")),
-                   ("noveleval", (f"stage2-{choice}", "listwise"), ("stage1", "retrieval"))]
+    comparisons = [
+        ("scifact", ("stage1", "retrieval"), ("base", "retrieval")),
+        ("scifact", (f"stage2-{choice}", "listwise"), ("stage1", "retrieval")),
+        ("scifact", (f"stage2-{choice}", "listwise"), (f"stage2-{choice}", "retrieval")),
+        ("scifact", (f"stage2-{choice}", "listwise"), ("bm25", "first_stage")),
+        ("scifact", (f"stage2-{choice}", "listwise"), ("stage1", "listwise")),
+        ("scifact", (f"stage2-{choice}", "retrieval"), ("stage1", "retrieval")),
+        ("noveleval", (f"stage2-{choice}", "listwise"), ("base", "listwise")),
+        ("noveleval", (f"stage2-{choice}", "listwise"), ("stage1", "retrieval")),
+    ]
     # teachers: on the seeds the other teacher was trained with (seed-matched)
-    comparisons += [(ds, (f"stage2-{t}", "listwise"), (f"stage2-{choice}", "listwise")) for t in other
-                    for ds in ("scifact", "noveleval")]
-    tests = ["", "| set | b | vs a | queries | NDCG@10 a | NDCG@10 b | b - a | 95% bootstrap CI | paired t-test p |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    comparisons += [
+        (ds, (f"stage2-{t}", "listwise"), (f"stage2-{choice}", "listwise"))
+        for t in other
+        for ds in ("scifact", "noveleval")
+    ]
+    tests = [
+        "",
+        "| set | b | vs a | queries | NDCG@10 a | NDCG@10 b | b - a | 95% bootstrap CI | paired t-test p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     stats = []
     for ds, (bt, bm_), (at, am) in comparisons:
         matched = bt if bt.startswith("stage2-") and at.startswith("stage2-") and bt != at else ""
@@ -331,8 +426,10 @@ def report(args) -> str:
             continue
         t = paired_test(a_scores, b_scores)
         stats.append({"set": ds, "b": f"{bt} {bm_}", "a": f"{at} {am}", **t})
-        tests.append(f"| {ds} | {bt} {bm_} | {at} {am} | {t['queries']} | {t['mean_a']:.4f} | {t['mean_b']:.4f} | "
-                     f"{t['diff']:+.4f} | [{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}] | {t['p_ttest']:.2g} |")
+        tests.append(
+            f"| {ds} | {bt} {bm_} | {at} {am} | {t['queries']} | {t['mean_a']:.4f} | {t['mean_b']:.4f} | "
+            f"{t['diff']:+.4f} | [{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}] | {t['p_ttest']:.2g} |"
+        )
     text = "\n".join(lines + tests + dev_curves(out))
     (out / "results.md").write_text(text + "\n")
     (out / "significance.json").write_text(json.dumps(stats, indent=1))
@@ -375,11 +472,13 @@ def dev_curves(out: Path) -> list[str]:
         rows = [json.loads(x) for x in m.read_text().splitlines()] if m.exists() else []
         train = [r for r in rows if "loss" in r]
         dev = [r for r in rows if "dev_retrieval_ndcg_at_10" in r]
-        curve = ", ".join(f"{r['step']}: {r['dev_retrieval_ndcg_at_10']:.3f}/{r['dev_listwise_ndcg_at_10']:.3f}" for r in dev)
+        curve = ", ".join(
+            f"{r['step']}: {r['dev_retrieval_ndcg_at_10']:.3f}/{r['dev_listwise_ndcg_at_10']:.3f}" for r in dev
+        )
         loss = f"{train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}" if train else "-"
         lines.append(f"| {folder.name} | {train[-1]['step'] if train else 0} | {loss} | {curve or '-'} |")
     choices = out / "choices.json"
-    for row in ([json.loads(x) for x in choices.read_text().splitlines()] if choices.exists() else []):
+    for row in [json.loads(x) for x in choices.read_text().splitlines()] if choices.exists() else []:
         grid = ", ".join(f"{p}: {v['mean']:.4f}" for p, v in row["grid"].items())
         lines.append(f"\n{row['what']}, by mean dev {row['metric']} over seeds: {grid}")
     return lines
@@ -408,8 +507,11 @@ def track(out: Path, args) -> None:
             if folder.name in logged:  # logged live by the trainer: link it
                 client.set_tag(logged[folder.name], "mlflow.parentRunId", parent.info.run_id)
                 continue
-            rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()] \
-                if (folder / "metrics.jsonl").exists() else []
+            rows = (
+                [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+                if (folder / "metrics.jsonl").exists()
+                else []
+            )
             with mlflow.start_run(run_name=folder.name, nested=True):
                 mlflow.set_tag("imported_from", str(folder / "metrics.jsonl"))
                 for r in rows:
@@ -441,8 +543,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stage1-budget", type=float, default=0, help="run.time_budget_s of each stage-1 run (0 = none)")
     ap.add_argument("--stage2-budget", type=float, default=0, help="run.time_budget_s of each stage-2 run (0 = none)")
     ap.add_argument("--jobs", type=int, default=1, help="training runs and evaluations at once")
-    ap.add_argument("--eval-every", type=int, default=11, help="dev evaluation every N steps (stage 1; stage 2 too "
-                    "unless --stage2-eval-every)")
+    ap.add_argument(
+        "--eval-every",
+        type=int,
+        default=11,
+        help="dev evaluation every N steps (stage 1; stage 2 too unless --stage2-eval-every)",
+    )
     ap.add_argument("--stage2-eval-every", type=int, default=0)
     ap.add_argument("--eval-queries", type=int, default=0, help="test queries per set (0 = all; a dry run uses few)")
     ap.add_argument("--dev-queries", type=int, default=100)
@@ -450,8 +556,13 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-tokens", type=int, default=16384)
     ap.add_argument("--chunk-efficiency", type=float, default=0.95, help="encode.min_chunk_efficiency (lower on GPUs)")
     ap.add_argument("--grad-ckpt", default="false")
-    ap.add_argument("--test-models", nargs="*", default=["base", "stage1", "stage2"], choices=["base", "stage1", "stage2"],
-                    help="which models `run` scores on SciFact test and NovelEval (each costs minutes on a CPU; none: no test)")
+    ap.add_argument(
+        "--test-models",
+        nargs="*",
+        default=["base", "stage1", "stage2"],
+        choices=["base", "stage1", "stage2"],
+        help="which models `run` scores on SciFact test and NovelEval (each costs minutes on a CPU; none: no test)",
+    )
     ap.add_argument("--train-deadline", type=float, default=0, help="seconds after which `run` starts no training")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which `run` starts nothing new")
     ap.add_argument("--profile-step", type=int, default=0, help="profile this step of the first stage-1 run")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.evaluation import EvalSet, load_eval_set
+from evaluation.readers import EvalSet, load_eval_set
 
 
 def real_sets(data: str | Path, max_queries: int = 0) -> dict[str, EvalSet]:

@@ -51,10 +51,12 @@ def score(out: Path, seeds: list[int]) -> dict:
 
     from data_pipeline import demo_corpus
     from data_pipeline.instructions import InstructionTable
+    from evaluation.metrics import paired_test, per_query_of_run
+    from evaluation.readers import load_beir
+    from evaluation.reranker import Reranker
+    from evaluation.scoring import evaluate
     from experiments.proof_tables import pooled
     from launch.main import _bm25_run
-    from trainer.evaluation import evaluate, load_beir, paired_test, per_query_of_run
-    from trainer.reranker import Reranker
 
     torch.set_num_threads(2)
     dev = out / "dev-world"

@@ -32,7 +32,8 @@ from common.ray_head import RayHead  # noqa: E402
 from data_pipeline import demo_corpus  # noqa: E402
 
 # The demo's settings per backbone family (None: the recipes'). The decoder's were chosen on a dev world (the demo
-# generator with seed=1, other species; docs/proof-on-real-data.md "The main job with the decoder"), never on the held-out queries, and
+# generator with seed=1, other species; docs/proof-on-real-data.md "The main job with the decoder"), never on the
+# held-out queries, and
 # over 2-4 training seeds: ZeRO-2 because ZeRO-3's parameter gathers over gloo double a CPU step; higher LRs because a
 # 2-core box gives few steps; 8 queries per rank in stage 1 and 50 stage-2 steps, where both seeds' dev curves got
 # there (with 4 queries and 30 steps one seed did and the other did not); 45 stage-1 steps (1.5 epochs), because
@@ -41,10 +42,26 @@ from data_pipeline import demo_corpus  # noqa: E402
 # where the CPU multiplies it natively: as good as fp32 on dev and about 2x faster). The encoder keeps what it was
 # measured with.
 DEMO_DEFAULTS = {
-    "decoder": {"zero_stage": 2, "stage1_lr": 3e-4, "stage2_lr": 1e-4, "temperature": 0.05, "stage1_batch": 8,
-                "stage1_steps": 45, "stage2_steps": 50, "dtype": "auto"},
-    "encoder": {"zero_stage": 3, "stage1_lr": None, "stage2_lr": None, "temperature": None, "stage1_batch": None,
-                "stage1_steps": 30, "stage2_steps": 20, "dtype": "fp32"},
+    "decoder": {
+        "zero_stage": 2,
+        "stage1_lr": 3e-4,
+        "stage2_lr": 1e-4,
+        "temperature": 0.05,
+        "stage1_batch": 8,
+        "stage1_steps": 45,
+        "stage2_steps": 50,
+        "dtype": "auto",
+    },
+    "encoder": {
+        "zero_stage": 3,
+        "stage1_lr": None,
+        "stage2_lr": None,
+        "temperature": None,
+        "stage1_batch": None,
+        "stage1_steps": 30,
+        "stage2_steps": 20,
+        "dtype": "fp32",
+    },
 }
 
 
@@ -67,8 +84,8 @@ def _run(cmd: list[str], log: Path, what: str, retries: int = 0, env: dict[str, 
 
 def _bm25_run(ev: Path, k: int) -> Path:
     """The held-out queries' first stage: the project's one BM25 (data_pipeline/beir.py), as a TREC run."""
-    from data_pipeline.beir import bm25_search, load_corpus, load_queries
-    from trainer.evaluation import write_trec_run
+    from data_pipeline.beir import bm25_search
+    from evaluation.readers import load_corpus, load_queries, write_trec_run
 
     hits = bm25_search(load_corpus(ev / "corpus.jsonl"), load_queries(ev / "queries.jsonl"), k)
     path = ev / "bm25.trec"
@@ -79,29 +96,57 @@ def _bm25_run(ev: Path, k: int) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--model", default="pypi:smollm2-135m",
-                    help="a folder, pypi:smollm2-135m (the decoder E2Rank is built for, default) or "
-                         "pypi:all-minilm-l6-v2 (a fast encoder: the whole job in about 8 minutes on 2 cores)")
+    ap.add_argument(
+        "--model",
+        default="pypi:smollm2-135m",
+        help="a folder, pypi:smollm2-135m (the decoder E2Rank is built for, default) or "
+        "pypi:all-minilm-l6-v2 (a fast encoder: the whole job in about 8 minutes on 2 cores)",
+    )
     ap.add_argument("--pooling", default="auto", help="auto: last token for decoders, mean for encoders")
     ap.add_argument("--prompt-len", type=int, default=512, help="listwise prompt tokens (MiniLM has 512 positions)")
-    ap.add_argument("--temperature", type=float, default=None,
-                    help="InfoNCE temperature for both stages (default: the backbone family's, see DEMO_DEFAULTS)")
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="InfoNCE temperature for both stages (default: the backbone family's, see DEMO_DEFAULTS)",
+    )
     ap.add_argument("--stage1-lr", type=float, default=None, help="default: the backbone family's")
     ap.add_argument("--stage2-lr", type=float, default=None, help="default: the backbone family's")
-    ap.add_argument("--zero-stage", type=int, choices=[2, 3], default=None,
-                    help="DeepSpeed ZeRO stage for both stages (default: the backbone family's). 3 partitions "
-                         "parameters too (the path clusters run); on 2 CPU cores over gloo its per-forward parameter "
-                         "gathers cost SmolLM2-135M 18-24 s a stage-1 step against 9-11 s with 2 (see README)")
-    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
-                    help="training precision (default: the backbone family's; auto = bf16 on CPUs with "
-                         "AVX512-BF16/AMX, fp32 elsewhere: trainer/model.py resolve_precision)")
-    ap.add_argument("--eval-dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="evaluation precision (auto: the Reranker's, bf16 where the hardware multiplies it natively)")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="training seed of both stages: the torch RNG and the data order (run.seed, loader.seed)")
+    ap.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=[2, 3],
+        default=None,
+        help="DeepSpeed ZeRO stage for both stages (default: the backbone family's). 3 partitions "
+        "parameters too (the path clusters run); on 2 CPU cores over gloo its per-forward parameter "
+        "gathers cost SmolLM2-135M 18-24 s a stage-1 step against 9-11 s with 2 (see README)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="training precision (default: the backbone family's; auto = bf16 on CPUs with "
+        "AVX512-BF16/AMX, fp32 elsewhere: trainer/model.py resolve_precision)",
+    )
+    ap.add_argument(
+        "--eval-dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="evaluation precision (auto: the Reranker's, bf16 where the hardware multiplies it natively)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of both stages: the torch RNG and the data order (run.seed, loader.seed)",
+    )
     ap.add_argument("--stage1-steps", type=int, default=None, help="default: the backbone family's")
-    ap.add_argument("--stage1-batch", type=int, default=None,
-                    help="stage-1 queries per rank per step (default: the backbone family's)")
+    ap.add_argument(
+        "--stage1-batch",
+        type=int,
+        default=None,
+        help="stage-1 queries per rank per step (default: the backbone family's)",
+    )
     ap.add_argument("--stage2-steps", type=int, default=None, help="default: the backbone family's")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `finally` below stops the Ray head
@@ -112,7 +157,10 @@ def main(argv=None) -> int:
     log = out / "main.log"
     print(f"[main] E2Rank main job -> {out} (details in {log})", flush=True)
     sizes = demo_corpus.generate(out / "corpus")
-    print(f"[main] demo corpus: {sizes['train']} training queries, {sizes['eval']} held-out queries, {sizes['docs']} passages")
+    print(
+        f"[main] demo corpus: {sizes['train']} training queries, {sizes['eval']} held-out queries, "
+        f"{sizes['docs']} passages"
+    )
     from common.pretrained import resolve
 
     resolve(args.model, weights=True)  # materialise the packaged model once, before the workers race for it
@@ -124,47 +172,105 @@ def main(argv=None) -> int:
     for k, v in DEMO_DEFAULTS[family].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    print(f"[main] {args.model} ({family}): ZeRO-{args.zero_stage}, stage-1 lr {args.stage1_lr or 'recipe'}, "
-          f"stage-1 batch {args.stage1_batch or 'recipe'} per rank, {args.stage1_steps} + {args.stage2_steps} steps, "
-          f"stage-2 lr {args.stage2_lr or 'recipe'}, temperature {args.temperature or 'recipe'}, "
-          f"training dtype {args.dtype}, evaluation dtype {args.eval_dtype}, seed {args.seed}",
-          flush=True)
-    tok = ["tokenization.query_max_len=64", "tokenization.doc_max_len=64",
-           f"tokenization.prompt_max_len={args.prompt_len}", "tokenization.prompt_doc_max_len=40"]
+    print(
+        f"[main] {args.model} ({family}): ZeRO-{args.zero_stage}, stage-1 lr {args.stage1_lr or 'recipe'}, "
+        f"stage-1 batch {args.stage1_batch or 'recipe'} per rank, {args.stage1_steps} + {args.stage2_steps} steps, "
+        f"stage-2 lr {args.stage2_lr or 'recipe'}, temperature {args.temperature or 'recipe'}, "
+        f"training dtype {args.dtype}, evaluation dtype {args.eval_dtype}, seed {args.seed}",
+        flush=True,
+    )
+    tok = [
+        "tokenization.query_max_len=64",
+        "tokenization.doc_max_len=64",
+        f"tokenization.prompt_max_len={args.prompt_len}",
+        "tokenization.prompt_doc_max_len=40",
+    ]
     head = RayHead(out / "ray-head.log")
     try:
         head.wait()
-        print(f"[main] Ray head on {head.url} (token authentication; the token is in a file only this user can read)",
-              flush=True)
+        print(
+            f"[main] Ray head on {head.url} (token authentication; the token is in a file only this user can read)",
+            flush=True,
+        )
         submit = [_bin("ray"), "job", "submit", "--address", head.url, "--working-dir", str(ROOT), "--"]
-        _run(submit + ["python", "-m", "data_pipeline", "kind=listwise", f"inputs=[{out / 'corpus' / 'listwise.jsonl'}]",
-                       f"output={out / 'shards-listwise'}", "samples_per_shard=100", "progress=false",
-                       f"tokenization.tokenizer={resolve(args.model, weights=True)}", *tok],
-             log, "pre-tokenize the listwise corpus (Ray job)", retries=1, env=head.env)
+        _run(
+            submit
+            + [
+                "python",
+                "-m",
+                "data_pipeline",
+                "kind=listwise",
+                f"inputs=[{out / 'corpus' / 'listwise.jsonl'}]",
+                f"output={out / 'shards-listwise'}",
+                "samples_per_shard=100",
+                "progress=false",
+                f"tokenization.tokenizer={resolve(args.model, weights=True)}",
+                *tok,
+            ],
+            log,
+            "pre-tokenize the listwise corpus (Ray job)",
+            retries=1,
+            env=head.env,
+        )
         t1 = time.time()
-        _run(submit + ["python", "launch/stage1.py", "--config", "recipes/launch-stage1-demo.yaml",
-                       f"pipeline.inputs=[{out / 'corpus' / 'contrastive.jsonl'}]", f"train.shards={out / 'shards-contrastive'}",
-                       f"train.model.path={resolve(args.model, weights=True)}", f"train.run.output_dir={out / 'stage1'}",
-                       f"train.model.pooling={args.pooling}", *[f"pipeline.{t}" for t in tok],
-                       f"train.run.max_steps={args.stage1_steps}", f"train.tracking.tracking_uri={uri}",
-                       "train.tracking.run_name=stage1",
-                       *([f"train.loss.temperature={args.temperature}"] if args.temperature else []),
-                       *([f"train.optim.lr={args.stage1_lr}"] if args.stage1_lr else []),
-                       *([f"train.loader.batch_size={args.stage1_batch}"] if args.stage1_batch else []),
-                       f"train.deepspeed.zero_stage={args.zero_stage}", f"train.model.dtype={args.dtype}",
-                       f"train.run.seed={args.seed}", f"train.loader.seed={args.seed}"],
-             log, f"stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-{args.zero_stage})", env=head.env)
+        _run(
+            submit
+            + [
+                "python",
+                "launch/stage1.py",
+                "--config",
+                "recipes/launch-stage1-demo.yaml",
+                f"pipeline.inputs=[{out / 'corpus' / 'contrastive.jsonl'}]",
+                f"train.shards={out / 'shards-contrastive'}",
+                f"train.model.path={resolve(args.model, weights=True)}",
+                f"train.run.output_dir={out / 'stage1'}",
+                f"train.model.pooling={args.pooling}",
+                *[f"pipeline.{t}" for t in tok],
+                f"train.run.max_steps={args.stage1_steps}",
+                f"train.tracking.tracking_uri={uri}",
+                "train.tracking.run_name=stage1",
+                *([f"train.loss.temperature={args.temperature}"] if args.temperature else []),
+                *([f"train.optim.lr={args.stage1_lr}"] if args.stage1_lr else []),
+                *([f"train.loader.batch_size={args.stage1_batch}"] if args.stage1_batch else []),
+                f"train.deepspeed.zero_stage={args.zero_stage}",
+                f"train.model.dtype={args.dtype}",
+                f"train.run.seed={args.seed}",
+                f"train.loader.seed={args.seed}",
+            ],
+            log,
+            f"stage 1: pre-tokenize + Ray Train (2 workers, DeepSpeed ZeRO-{args.zero_stage})",
+            env=head.env,
+        )
         t2 = time.time()
     finally:
         head.stop()
-    _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/stage2.py",
-          "--config", "recipes/stage2-cpu-demo.yaml", f"shards={out / 'shards-listwise'}",
-          f"model.path={out / 'stage1' / 'export'}", f"run.output_dir={out / 'stage2'}", f"model.pooling={args.pooling}",
-          f"run.max_steps={args.stage2_steps}", f"tracking.tracking_uri={uri}", "tracking.run_name=stage2",
-          *([f"loss.temperature={args.temperature}"] if args.temperature else []),
-          *([f"optim.lr={args.stage2_lr}"] if args.stage2_lr else []), f"deepspeed.zero_stage={args.zero_stage}", f"model.dtype={args.dtype}",
-          f"run.seed={args.seed}", f"loader.seed={args.seed}"],
-         log, f"stage 2: deepspeed launcher (2 processes, ZeRO-{args.zero_stage})")
+    _run(
+        [
+            _bin("deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "launch/stage2.py",
+            "--config",
+            "recipes/stage2-cpu-demo.yaml",
+            f"shards={out / 'shards-listwise'}",
+            f"model.path={out / 'stage1' / 'export'}",
+            f"run.output_dir={out / 'stage2'}",
+            f"model.pooling={args.pooling}",
+            f"run.max_steps={args.stage2_steps}",
+            f"tracking.tracking_uri={uri}",
+            "tracking.run_name=stage2",
+            *([f"loss.temperature={args.temperature}"] if args.temperature else []),
+            *([f"optim.lr={args.stage2_lr}"] if args.stage2_lr else []),
+            f"deepspeed.zero_stage={args.zero_stage}",
+            f"model.dtype={args.dtype}",
+            f"run.seed={args.seed}",
+            f"loader.seed={args.seed}",
+        ],
+        log,
+        f"stage 2: deepspeed launcher (2 processes, ZeRO-{args.zero_stage})",
+    )
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         f.unlink(missing_ok=True)
     t3 = time.time()
@@ -173,8 +279,10 @@ def main(argv=None) -> int:
     print(table)
     times = {"pre_tokenization": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2, "evaluation": t4 - t3, "total": t4 - t0}
     (out / "times.json").write_text(json.dumps(times, indent=1))  # bench/main_job.py records it
-    print(f"[main] times: pre-tokenization {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, "
-          f"evaluation {t4 - t3:.0f}s, total {t4 - t0:.0f}s")
+    print(
+        f"[main] times: pre-tokenization {t1 - t0:.0f}s, stage 1 {t2 - t1:.0f}s, stage 2 {t3 - t2:.0f}s, "
+        f"evaluation {t4 - t3:.0f}s, total {t4 - t0:.0f}s"
+    )
     print(f"[main] MLflow UI (both stages, stage 2 a child of stage 1): mlflow ui --backend-store-uri {uri}")
     return 0
 
@@ -184,23 +292,35 @@ def _evaluate(out: Path, model: str, pooling: str, prompt_len: int, dtype: str) 
 
     from data_pipeline.instructions import InstructionTable
     from data_pipeline.text import TokenizationConfig
-    from trainer.evaluation import evaluate, load_beir
-    from trainer.reranker import Reranker
+    from evaluation.readers import load_beir
+    from evaluation.reranker import Reranker
+    from evaluation.scoring import evaluate
 
     torch.set_num_threads(os.cpu_count() or 1)
     ev = out / "corpus" / "eval"
     es = load_beir(ev, "test", _bm25_run(ev, 30), top_k=30)
     ins = InstructionTable.load().lookup("demo", False)
-    tok = TokenizationConfig(tokenizer=model, query_max_len=64, doc_max_len=64, prompt_max_len=prompt_len,
-                             prompt_doc_max_len=40)
-    models = {"base": Reranker.from_base(model, pooling=pooling, tokenization=tok, dtype=dtype),
-              "stage 1": Reranker.from_pretrained(out / "stage1" / "export", dtype=dtype),
-              "stage 2": Reranker.from_pretrained(out / "stage2" / "export", dtype=dtype)}
+    tok = TokenizationConfig(
+        tokenizer=model, query_max_len=64, doc_max_len=64, prompt_max_len=prompt_len, prompt_doc_max_len=40
+    )
+    models = {
+        "base": Reranker.from_base(model, pooling=pooling, tokenization=tok, dtype=dtype),
+        "stage 1": Reranker.from_pretrained(out / "stage1" / "export", dtype=dtype),
+        "stage 2": Reranker.from_pretrained(out / "stage2" / "export", dtype=dtype),
+    }
     rows = ["| model | retrieval NDCG@10 | listwise NDCG@10 |", "|---|---|---|"]
     res = {}
     for name, m in models.items():
-        r = evaluate(m, es, query_instruction=ins.query[0], rerank_instruction=ins.rerank, prompt_k=10,
-                     out_dir=out / "eval", tag=name.replace(" ", ""), progress=False)
+        r = evaluate(
+            m,
+            es,
+            query_instruction=ins.query[0],
+            rerank_instruction=ins.rerank,
+            prompt_k=10,
+            out_dir=out / "eval",
+            tag=name.replace(" ", ""),
+            progress=False,
+        )
         res[name] = r
         rows.append(f"| {name} | {r['retrieval']['NDCG@10']:.4f} | {r['listwise']['NDCG@10']:.4f} |")
     first = res["base"]["first_stage"]["NDCG@10"]
@@ -208,33 +328,45 @@ def _evaluate(out: Path, model: str, pooling: str, prompt_len: int, dtype: str) 
     res["paired_tests"] = tests
     (out / "results.json").write_text(json.dumps(res, indent=1))
     shutil.copy(out / "results.json", out / "eval" / "results.json")
-    from trainer.eval_tracking import record
-    from trainer.evaluation import run_file
+    from evaluation.metrics import run_file
+    from evaluation.tracking import record
 
     for name in ("stage 1", "stage 2"):  # each export's training run gets a nested `evaluation` run, its card the table
         tag = name.replace(" ", "")
-        record(out / tag / "export", {"demo": res[name]},
-               [run_file(out / "eval", es.name, tag, m) for m in ("retrieval", "listwise")],
-               paired=tests if name == "stage 2" else None)
-    lines = [f"[main] {c}: {t['mean_a']:.4f} -> {t['mean_b']:.4f}, {t['diff']:+.4f} "
-             f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}], p = {t['p_ttest']:.2g}" for c, t in tests.items()]
-    return (f"[main] held-out demo queries ({res['base']['queries']}), BM25 top-30 candidates "
-            f"(BM25 NDCG@10 {first:.4f}):\n" + "\n".join(rows) +
-            "\n[main] paired over queries (b vs a: a -> b, b - a [95% bootstrap CI], t-test p):\n" + "\n".join(lines))
+        record(
+            out / tag / "export",
+            {"demo": res[name]},
+            [run_file(out / "eval", es.name, tag, m) for m in ("retrieval", "listwise")],
+            paired=tests if name == "stage 2" else None,
+        )
+    lines = [
+        f"[main] {c}: {t['mean_a']:.4f} -> {t['mean_b']:.4f}, {t['diff']:+.4f} "
+        f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}], p = {t['p_ttest']:.2g}"
+        for c, t in tests.items()
+    ]
+    return (
+        f"[main] held-out demo queries ({res['base']['queries']}), BM25 top-30 candidates "
+        f"(BM25 NDCG@10 {first:.4f}):\n"
+        + "\n".join(rows)
+        + "\n[main] paired over queries (b vs a: a -> b, b - a [95% bootstrap CI], t-test p):\n"
+        + "\n".join(lines)
+    )
 
 
 # The orderings the main job exists to show (E2Rank: stage-2 listwise > stage-1 retrieval > base), then the paper's
 # own comparison (the listwise mode against the same model's retrieval mode) and the first stage it reranks.
-CLAIMS = {"stage 1 retrieval vs base retrieval": (("base", "retrieval"), ("stage1", "retrieval")),
-          "stage 2 listwise vs stage 1 retrieval": (("stage1", "retrieval"), ("stage2", "listwise")),
-          "stage 2 listwise vs base listwise": (("base", "listwise"), ("stage2", "listwise")),
-          "stage 2 listwise vs stage 2 retrieval": (("stage2", "retrieval"), ("stage2", "listwise")),
-          "stage 2 listwise vs BM25": (("base", "first_stage"), ("stage2", "listwise"))}
+CLAIMS = {
+    "stage 1 retrieval vs base retrieval": (("base", "retrieval"), ("stage1", "retrieval")),
+    "stage 2 listwise vs stage 1 retrieval": (("stage1", "retrieval"), ("stage2", "listwise")),
+    "stage 2 listwise vs base listwise": (("base", "listwise"), ("stage2", "listwise")),
+    "stage 2 listwise vs stage 2 retrieval": (("stage2", "retrieval"), ("stage2", "listwise")),
+    "stage 2 listwise vs BM25": (("base", "first_stage"), ("stage2", "listwise")),
+}
 
 
 def _significance(es, eval_dir: Path) -> dict[str, dict[str, float]]:
     """Query-level paired tests of CLAIMS, from the TREC runs evaluate() wrote."""
-    from trainer.evaluation import paired_test, per_query_of_run
+    from evaluation.metrics import paired_test, per_query_of_run
 
     def scores(tag: str, mode: str) -> dict[str, float]:
         return per_query_of_run(es.qrels, eval_dir, es.name, tag, mode)

@@ -13,6 +13,7 @@ Thin on purpose: it builds configs and calls the pipeline and the trainer.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help="YAML with pipeline:, train: and ray: sections (see recipes/)")
     ap.add_argument("overrides", nargs="*", help="e.g. train.run.max_steps=100 ray.workers=8")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the pipeline's progress lines
     try:
         cfg = load(Stage1Launch, args.config, args.overrides)
     except (ConfigError, ValueError) as e:

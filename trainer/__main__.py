@@ -12,7 +12,8 @@ from data_pipeline.shards import ShardFormatError
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .loader import LoaderError
-from .loop import PreflightError, train
+from .loop import train
+from .preflight import PreflightError
 
 # input, configuration and checkpoint problems the user can fix: one line each. Anything else is a bug and keeps
 # its traceback.

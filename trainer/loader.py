@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.shards import REBUILD, ShardFormatError, ShardReader, docs_of, read_manifest, shard_problem
+from modeling.embedding import left_pad
 
 
 class LoaderError(ValueError):
@@ -90,24 +91,11 @@ def epoch_plan(manifest: dict, cfg: LoaderConfig, world_size: int, epoch: int) -
     return allb[order], [sources[i] for i in order], dropped
 
 
-def left_pad(seqs: list[np.ndarray], pad_id: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding, so the last position holds each sequence's pooling token (last-token pooling)."""
-    n = max(len(s) for s in seqs)
-    n = -(-n // multiple) * multiple
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, n - len(s) :] = torch.from_numpy(s.astype(np.int64))
-            mask[i, n - len(s) :] = 1
-    return ids, mask
-
-
 def _hash_tensor(h: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(h, dtype=np.uint64).view(np.int64))
 
 
-class _Collator:
+class Collator:
     def __init__(self, kind: str, cfg: LoaderConfig, pad_id: int, slate: int, epoch: int):
         self.kind, self.cfg, self.pad_id, self.slate, self.epoch = kind, cfg, pad_id, slate, epoch
 
@@ -128,7 +116,8 @@ class _Collator:
                 negs = list(range(n_pos, len(ds)))
                 if k and not negs:
                     raise LoaderError(
-                        f"sample {s['__key__']} ({s['meta']['origin']}) has no hard negatives but negatives_per_query={k}; "
+                        f"sample {s['__key__']} ({s['meta']['origin']}) has no hard negatives but "
+                        f"negatives_per_query={k}; "
                         "set negatives_per_query=0 or rebuild the shards with min_negatives"
                     )
                 if len(negs) >= k:
@@ -189,7 +178,7 @@ class _RankBatches(IterableDataset):
         self.cfg, self.rank, self.world = loader.cfg, loader.rank, loader.world_size
         self.plan, self.sources, _ = epoch_plan(loader.manifest, loader.cfg, loader.world_size, epoch)
         self.start = start
-        self.collate = _Collator(loader.kind, loader.cfg, loader.pad_id, loader.slate_size, epoch)
+        self.collate = Collator(loader.kind, loader.cfg, loader.pad_id, loader.slate_size, epoch)
 
     def __len__(self) -> int:
         return len(self.plan) * self.cfg.grad_accum
@@ -202,7 +191,9 @@ class _RankBatches(IterableDataset):
         if (str(path), entry["sha256"]) in _VERIFIED:
             return
         if why := shard_problem(self.shard_dir, entry, checksum=self.cfg.verify_checksums):
-            raise ShardFormatError(f"{path}: {why}; {REBUILD} (or set loader.verify_checksums=false to skip the sha256)")
+            raise ShardFormatError(
+                f"{path}: {why}; {REBUILD} (or set loader.verify_checksums=false to skip the sha256)"
+            )
         if self.cfg.verify_checksums:
             _VERIFIED.add((str(path), entry["sha256"]))
 
@@ -252,9 +243,13 @@ class ShardLoader:
     ):
         self.shard_dir = Path(shard_dir)
         # a caller that already read and checked the manifest (the trainer's preflight) hands it in
-        self.manifest = manifest if manifest is not None else \
-            read_manifest(self.shard_dir, kind=kind, tokenizer_fingerprint=tokenizer_fingerprint,
-                          local_shards=not cfg.stream_url)
+        self.manifest = (
+            manifest
+            if manifest is not None
+            else read_manifest(
+                self.shard_dir, kind=kind, tokenizer_fingerprint=tokenizer_fingerprint, local_shards=not cfg.stream_url
+            )
+        )
         self.kind = self.manifest["kind"]
         self.cfg = cfg
         # handed in by the caller (the trainer: its process group's rank and size), never guessed from the
@@ -328,25 +323,18 @@ class ShardLoader:
         fixed = ("same_source", "seed", "negatives_per_query", "slate_size")
         g_was = was.get("batch_size", 0) * state.get("world_size", 0) * was.get("grad_accum", 0)
         g_now = now["batch_size"] * self.world_size * now["grad_accum"]
-        problems = [f"plan was {state.get('plan')!r}, now {mine['plan']!r}"] if state.get("plan") != mine["plan"] else []
+        problems = (
+            [f"plan was {state.get('plan')!r}, now {mine['plan']!r}"] if state.get("plan") != mine["plan"] else []
+        )
         problems += [f"loader.{k} was {was.get(k)!r}, now {now[k]!r}" for k in fixed if was.get(k) != now[k]]
         if g_was != g_now:
             problems.append(f"the global batch (batch_size x world x grad_accum) was {g_was}, now {g_now}")
         if int(state["position"]) % max(was.get("grad_accum", 1), 1):
             problems.append(f"position {state['position']} is inside an accumulation step")
         if problems:
-            raise LoaderError(f"cannot resume exactly: {'; '.join(problems)}; resume with the same shards, seed and "
-                              "global batch")
+            raise LoaderError(
+                f"cannot resume exactly: {'; '.join(problems)}; resume with the same shards, seed and global batch"
+            )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"]) // was["grad_accum"] * now["grad_accum"]
         self.real_tokens, self.padded_tokens = int(state["real_tokens"]), int(state["padded_tokens"])
-
-
-def make_loader(shard_dir: str | Path, cfg: LoaderConfig, **kw) -> ShardLoader:
-    """The reader for this configuration: random access to local shards (exact resume on any world size with the
-    same global batch), or webdataset streaming from URLs when loader.stream_url is set (trainer/stream.py)."""
-    if cfg.stream_url:
-        from .stream import StreamingShardLoader
-
-        return StreamingShardLoader(shard_dir, cfg, **kw)
-    return ShardLoader(shard_dir, cfg, **kw)

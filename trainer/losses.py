@@ -1,5 +1,5 @@
 """The losses, as pure functions of embeddings (fp32) and batch structure. No process groups in here: the
-caller passes candidates already gathered across ranks (trainer/distributed.py).
+caller passes candidates already gathered across ranks (modeling/distributed.py).
 
 Normalisation is per query in both losses (InfoNCE: mean over queries; RankNet: mean over a query's pairs, then
 mean over queries), so with equal per-rank batches the average of the ranks' losses is the global batch loss, the

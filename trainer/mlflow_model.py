@@ -35,7 +35,7 @@ except ImportError:  # the class is only needed where MLflow is installed
 class E2RankPyfunc(_Base):
     def load_context(self, context) -> None:
         from data_pipeline.instructions import InstructionTable
-        from trainer.reranker import Reranker
+        from evaluation.reranker import Reranker
 
         self.reranker = Reranker.from_pretrained(context.artifacts["export"])
         self.table = InstructionTable.load()

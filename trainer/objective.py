@@ -1,7 +1,7 @@
 """One micro-batch -> embeddings -> loss terms, for both stages. Used by the trainer and the gradient-equivalence test.
 
 Each rank encodes its local queries, documents (and, in stage 2, listwise prompts), each field in length-grouped
-chunks (trainer/chunking.py) whose count is agreed across ranks: the same forwards on every rank, every step
+chunks (modeling/chunking.py) whose count is agreed across ranks: the same forwards on every rank, every step
 (ZeRO-3 hangs otherwise). Candidates are gathered across ranks with an autograd-aware all_gather, so each local
 query is scored against every candidate in the global batch.
 
@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from . import distributed as D
-from .chunking import ChunkStats, encode_chunked
+from modeling import distributed as D
+from modeling.chunking import ChunkStats, encode_chunked
+from modeling.profiling import phase
+
 from .config import LossConfig
 from .losses import info_nce, ranknet
-from .profiling import phase
 
 Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,7 +37,9 @@ def embed_batch(encode: Encode, batch: dict[str, Any], stage: int, chunk_tokens:
                               stats=stats, min_efficiency=min_efficiency) for f in fields(stage)}
 
 
-def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, cfg: LossConfig) -> dict[str, torch.Tensor]:
+def loss_terms(
+    emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, cfg: LossConfig
+) -> dict[str, torch.Tensor]:
     q, d = emb["query"], emb["doc"]
     across = cfg.negatives_across_ranks(stage)
     gather_grad, gather = (D.gather_with_grad, D.gather_no_grad) if across else (lambda t: t, lambda t: t)
@@ -55,9 +58,15 @@ def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, 
     nce = info_nce(q, docs_all, pos, temperature=cfg.temperature, valid=valid, doc_hash=hashes, margin=cfg.margin_mask)
     out = {"infonce": nce.loss, "accuracy": nce.accuracy, "masked_negatives": nce.masked.float()}
     if stage == 2:
-        rk = ranknet(emb["prompt"], d.view(b, g, -1), batch["ranking"].to(q.device), batch["cand_mask"].to(q.device),
-                     scale=cfg.ranknet_scale, pair_weighting=cfg.ranknet_pair_weighting,
-                     levels=batch["levels"].to(q.device) if "levels" in batch else None)
+        rk = ranknet(
+            emb["prompt"],
+            d.view(b, g, -1),
+            batch["ranking"].to(q.device),
+            batch["cand_mask"].to(q.device),
+            scale=cfg.ranknet_scale,
+            pair_weighting=cfg.ranknet_pair_weighting,
+            levels=batch["levels"].to(q.device) if "levels" in batch else None,
+        )
         out["ranknet"] = rk
         out["loss"] = nce.loss + cfg.ranknet_weight * rk
     else:
@@ -65,8 +74,15 @@ def loss_terms(emb: dict[str, torch.Tensor], batch: dict[str, Any], stage: int, 
     return out
 
 
-def compute(encode: Encode, batch: dict[str, Any], stage: int, cfg: LossConfig, chunk_tokens: int = 0,
-            stats: ChunkStats | None = None, min_efficiency: float = 0.95) -> dict[str, torch.Tensor]:
+def compute(
+    encode: Encode,
+    batch: dict[str, Any],
+    stage: int,
+    cfg: LossConfig,
+    chunk_tokens: int = 0,
+    stats: ChunkStats | None = None,
+    min_efficiency: float = 0.95,
+) -> dict[str, torch.Tensor]:
     emb = embed_batch(encode, batch, stage, chunk_tokens, stats, min_efficiency)
     with phase("loss"):
         return loss_terms(emb, batch, stage, cfg)

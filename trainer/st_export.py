@@ -86,8 +86,7 @@ def add_to_export(folder: Path) -> list[str]:
     from common.pretrained import load_tokenizer
     from common.typed_config import from_dict
     from data_pipeline.text import TokenizationConfig
-
-    from .checkpoint import EXPORT_INFO
+    from modeling.export_format import EXPORT_INFO
 
     info_path = folder / EXPORT_INFO
     if not info_path.is_file():

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data_pipeline.shards import REBUILD, ShardFormatError, decode_sample
 
-from .loader import LoaderError, ShardLoader, _Collator
+from .loader import Collator, LoaderConfig, LoaderError, ShardLoader
 
 
 def shard_samples(entry: dict[str, Any]) -> int:
@@ -103,7 +104,7 @@ class StreamingShardLoader(ShardLoader):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         per_rank, n, _ = self._plan(self.epoch)
-        collate = _Collator(self.kind, self.cfg, self.pad_id, self.slate_size, self.epoch)
+        collate = Collator(self.kind, self.cfg, self.pad_id, self.slate_size, self.epoch)
         stream, b = self._shuffled(per_rank[self.rank]), self.cfg.batch_size
         for _ in range(self.position * b):  # resume: what this epoch already consumed
             next(stream)
@@ -126,3 +127,11 @@ class StreamingShardLoader(ShardLoader):
                 f"ranks x {state.get('config', {}).get('batch_size')}, now {self.world_size} x {self.cfg.batch_size} "
                 "(shards are dealt to ranks by world size; use local shards to change it)")
         super().load_state_dict(state)
+
+
+def make_loader(shard_dir: str | Path, cfg: LoaderConfig, **kw) -> ShardLoader:
+    """The reader for this configuration: random access to local shards (exact resume on any world size with the
+    same global batch), or webdataset streaming from URLs when loader.stream_url is set (StreamingShardLoader)."""
+    if cfg.stream_url:
+        return StreamingShardLoader(shard_dir, cfg, **kw)
+    return ShardLoader(shard_dir, cfg, **kw)

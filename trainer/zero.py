@@ -45,7 +45,9 @@ def plan(cfg: TrainConfig, *, n_params: int, largest: int, bytes_per: int, rank_
     bucket = ds.reduce_bucket_size or (GPU_BUCKET if cuda else CPU_BUCKET)
     weights = n_params * bytes_per
     fits = weights <= PERSIST_FRACTION * rank_bytes
-    size = f"the weights ({weights / 2**30:.2f} GB) {'fit' if fits else 'do not fit'} a rank ({rank_bytes / 2**30:.1f} GB)"
+    size = (
+        f"the weights ({weights / 2**30:.2f} GB) {'fit' if fits else 'do not fit'} a rank ({rank_bytes / 2**30:.1f} GB)"
+    )
     stage, why = ds.zero_stage, "deepspeed.zero_stage set"
     if stage == "auto":
         if resumed_stage is not None:
@@ -53,27 +55,57 @@ def plan(cfg: TrainConfig, *, n_params: int, largest: int, bytes_per: int, rank_
         else:
             stage, why = (2, f"zero_stage auto: {size}") if fits else (3, f"zero_stage auto: {size}")
     if stage != 3:
-        return ZeroPlan(stage, ds.stage3_param_persistence_threshold, bucket,
-                        f"ZeRO-{stage} ({why}): weights are whole on every rank")
+        return ZeroPlan(
+            stage,
+            ds.stage3_param_persistence_threshold,
+            bucket,
+            f"ZeRO-{stage} ({why}): weights are whole on every rank",
+        )
     if ds.stage3_param_persistence_threshold >= 0:
-        return ZeroPlan(3, ds.stage3_param_persistence_threshold, bucket,
-                        f"ZeRO-3 ({why}); deepspeed.stage3_param_persistence_threshold set")
+        return ZeroPlan(
+            3,
+            ds.stage3_param_persistence_threshold,
+            bucket,
+            f"ZeRO-3 ({why}); deepspeed.stage3_param_persistence_threshold set",
+        )
     if fits:
-        return ZeroPlan(3, largest + 1, bucket, f"ZeRO-3 ({why}); {size}: every tensor persists, no gathers per "
-                        "forward; gradients and optimizer states stay partitioned")
-    return ZeroPlan(3, DS_DEFAULT_PERSISTENCE, bucket, f"ZeRO-3 ({why}); {size} (over {PERSIST_FRACTION:.0%} of it): "
-                    "partitioned, gathered per module (tensors < 1e5 elements persist)")
+        return ZeroPlan(
+            3,
+            largest + 1,
+            bucket,
+            f"ZeRO-3 ({why}); {size}: every tensor persists, no gathers per "
+            "forward; gradients and optimizer states stay partitioned",
+        )
+    return ZeroPlan(
+        3,
+        DS_DEFAULT_PERSISTENCE,
+        bucket,
+        f"ZeRO-3 ({why}); {size} (over {PERSIST_FRACTION:.0%} of it): "
+        "partitioned, gathered per module (tensors < 1e5 elements persist)",
+    )
 
 
-def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False, universal: bool = False,
-              zero: ZeroPlan | None = None) -> dict[str, Any]:
+def ds_config(
+    cfg: TrainConfig,
+    bf16: bool,
+    hidden: int,
+    cuda: bool = False,
+    universal: bool = False,
+    zero: ZeroPlan | None = None,
+    micro_batch: int | None = None,
+) -> dict[str, Any]:
     """DeepSpeed's JSON config for this run. Without a `zero` plan (tests, reference files) the sizes are the
-    configured values, with auto persistence resolved to DeepSpeed's default."""
+    configured values, with auto persistence resolved to DeepSpeed's default. `micro_batch`: the per-rank batch the
+    trainer derived (run.global_batch_size, a resume on another world size); default loader.batch_size."""
     ds = cfg.deepspeed
     if zero is None:  # without a model to size: auto is ZeRO-3, auto persistence DeepSpeed's default
         t = ds.stage3_param_persistence_threshold
-        zero = ZeroPlan(3 if ds.zero_stage == "auto" else ds.zero_stage, t if t >= 0 else DS_DEFAULT_PERSISTENCE,
-                        ds.reduce_bucket_size or (GPU_BUCKET if cuda else CPU_BUCKET), "")
+        zero = ZeroPlan(
+            3 if ds.zero_stage == "auto" else ds.zero_stage,
+            t if t >= 0 else DS_DEFAULT_PERSISTENCE,
+            ds.reduce_bucket_size or (GPU_BUCKET if cuda else CPU_BUCKET),
+            "",
+        )
     z: dict[str, Any] = {"stage": zero.stage}
     if zero.stage >= 2:
         z["reduce_bucket_size"] = zero.reduce_bucket_size
@@ -86,7 +118,7 @@ def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False, uni
     if ds.offload_optimizer:
         z["offload_optimizer"] = {"device": "cpu"}
     out = {
-        "train_micro_batch_size_per_gpu": cfg.loader.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch or cfg.loader.batch_size,
         "gradient_accumulation_steps": cfg.loader.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": z,
@@ -98,8 +130,15 @@ def ds_config(cfg: TrainConfig, bf16: bool, hidden: int, cuda: bool = False, uni
         **({"communication_data_type": ds.communication_dtype} if ds.communication_dtype else {}),
     }
     if not client_optimizer(cfg):
-        out["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
-                                                        "weight_decay": cfg.optim.weight_decay, "torch_adam": True}}
+        out["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "weight_decay": cfg.optim.weight_decay,
+                "torch_adam": True,
+            },
+        }
     return out
 
 
@@ -122,7 +161,11 @@ def reduce_once(engine, backwards: int):
     deepspeedai/DeepSpeed#7992), instead of one full reduce-scatter per backward. Elsewhere (one backward, ZeRO-0,
     DeepSpeed's bf16 optimizer wrapper) it changes nothing."""
     stage = engine.zero_optimization_stage()
-    if backwards < 2 or stage == 0 or not hasattr(engine, "coalesce_grad_reduction") \
-            or not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
+    if (
+        backwards < 2
+        or stage == 0
+        or not hasattr(engine, "coalesce_grad_reduction")
+        or not hasattr(engine.optimizer, "_coalesce_grad_reduction")
+    ):
         return contextlib.nullcontext()
     return engine.coalesce_grad_reduction()

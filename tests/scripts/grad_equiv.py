@@ -8,14 +8,13 @@ from batch_slice import local_slice  # this folder (sys.path[0] of a script)
 from deepspeed.utils import safe_get_full_grad
 from transformers import AutoModel
 
-from trainer import distributed as D
+from modeling import distributed as D
+from modeling.embedding import Encoder
+from modeling.packing import register
 from trainer.config import LossConfig, TrainConfig
 from trainer.grad_cache import CachedStep
-from trainer.loop import ds_config
-from trainer.model import Encoder
 from trainer.objective import compute
-from trainer.packing import register
-from trainer.zero import client_optimizer, make_optimizer, reduce_once
+from trainer.zero import client_optimizer, ds_config, make_optimizer, reduce_once
 
 model_path, batch_path, stage, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 # padded | chunked | cached | packed | packed-cached | persist (chunked, every ZeRO-3 tensor persistent)
@@ -29,12 +28,14 @@ CHUNK = 16  # tokens per forward: 1-2 sequences, so the ranks' chunk counts diff
 D.init(60)
 rank, world = D.world()
 batch = local_slice(torch.load(batch_path), rank, world)
-backbone = AutoModel.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.bfloat16 if bf16 else torch.float32)
-if "packed" in mode:  # one unpadded row per chunk, block-diagonal causal attention (trainer/packing.py)
+backbone = AutoModel.from_pretrained(
+    model_path, attn_implementation="sdpa", dtype=torch.bfloat16 if bf16 else torch.float32
+)
+if "packed" in mode:  # one unpadded row per chunk, block-diagonal causal attention (modeling/packing.py)
     backbone.set_attn_implementation(register())
 enc = Encoder(backbone, "last")
 assert enc.packed == ("packed" in mode)
-# the trainer's own DeepSpeed config (trainer.loop.ds_config), so the equivalence covers what training runs
+# the trainer's own DeepSpeed config (trainer.zero.ds_config), so the equivalence covers what training runs
 tc = TrainConfig()
 tc.loader.batch_size, tc.loader.grad_accum, tc.deepspeed.zero_stage = batch["query_input_ids"].shape[0], 1, zero
 tc.optim.lr = 0.0
@@ -42,8 +43,12 @@ tc.optim.lr = 0.0
 tc.deepspeed.stage3_param_persistence_threshold = 10**9 if "persist" in mode else 0
 cfg = ds_config(tc, bf16=bf16, hidden=enc.backbone.config.hidden_size)
 params = list(enc.parameters())
-engine, *_ = deepspeed.initialize(model=enc, model_parameters=params, config=cfg,
-                                  optimizer=make_optimizer(tc, params) if client_optimizer(tc) else None)
+engine, *_ = deepspeed.initialize(
+    model=enc,
+    model_parameters=params,
+    config=cfg,
+    optimizer=make_optimizer(tc, params) if client_optimizer(tc) else None,
+)
 if mode.endswith("cached"):
     step = CachedStep(engine, CHUNK)
     terms = step.forward(batch, stage, LOSS)

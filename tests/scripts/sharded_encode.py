@@ -10,11 +10,11 @@ from transformers import AutoModel
 
 from common.pretrained import load_tokenizer
 from data_pipeline.text import TextEncoder, TokenizationConfig
-from trainer import distributed as D
+from evaluation.reranker import Reranker
+from modeling import distributed as D
+from modeling.embedding import Encoder
 from trainer.config import TrainConfig
-from trainer.loop import ds_config
-from trainer.model import Encoder
-from trainer.reranker import Reranker
+from trainer.zero import ds_config
 
 model_path, texts_path, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 D.init(60)

@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-from trainer.evaluation import load_eval_set, paired_test, per_query_of_run
+from evaluation.metrics import paired_test, per_query_of_run
+from evaluation.readers import load_eval_set
 
 N = Path("../shared/data/noveleval")
 qrels = load_eval_set(N / "data.json", qrels=N / "qrels.txt").qrels
@@ -20,4 +21,6 @@ for (b, a) in [(("more20", "listwise"), ("base", "listwise")), (("more20", "list
         out[f"{' '.join(b)} vs {' '.join(a)}"] = r
         print(f"{' '.join(b)} vs {' '.join(a)}: {r['mean_a']:.4f} -> {r['mean_b']:.4f}, {r['diff']:+.4f} "
               f"[{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}], p = {r['p_ttest']:.2g} (n={r['queries']})")
-Path("experiments/results/scifact-proof-cpu-2026-11-29/noveleval-paired.json").write_text(json.dumps(out, indent=1) + "\n")
+Path("experiments/results/scifact-proof-cpu-2026-11-29/noveleval-paired.json").write_text(
+    json.dumps(out, indent=1) + "\n"
+)

@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-from trainer.evaluation import load_beir, paired_test, per_query_of_run
+from evaluation.metrics import paired_test, per_query_of_run
+from evaluation.readers import load_beir
 
 qrels = load_beir("../shared/data/scifact", "test", "../shared/data/scifact/runs/bm25.top100.test.trec").qrels
 runs = {
@@ -20,5 +21,10 @@ for b, a in [("40-step stage-2 listwise", "stage-1 retrieval"), ("20-step stage-
              ("40-step stage-2 retrieval", "stage-1 retrieval"), ("stage-1 retrieval", "BM25")]:
     r = paired_test(pq[a], pq[b])
     out[f"{b} vs {a}"] = r
-    print(f"{b} vs {a}: {r['mean_a']:.4f} -> {r['mean_b']:.4f}, {r['diff']:+.4f} [{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}], p = {r['p_ttest']:.2g} (n={r['queries']})")
-Path("experiments/results/scifact-proof-cpu-2026-11-29/stage1-test-paired.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(
+        f"{b} vs {a}: {r['mean_a']:.4f} -> {r['mean_b']:.4f}, {r['diff']:+.4f} "
+        f"[{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}], p = {r['p_ttest']:.2g} (n={r['queries']})"
+    )
+Path("experiments/results/scifact-proof-cpu-2026-11-29/stage1-test-paired.json").write_text(
+    json.dumps(out, indent=1) + "\n"
+)

@@ -5,8 +5,8 @@
 # Run from the repository root after `. .venv/bin/activate`: PYTHONPATH=. python <this file>.
 from pathlib import Path
 
+from evaluation.readers import load_beir, load_eval_set
 from experiments.paired_report import report
-from trainer.evaluation import load_beir, load_eval_set
 
 T = Path("runs/cpuproof/test-seed1")
 sci = Path("../shared/data/scifact")

@@ -1,4 +1,4 @@
-"""Fault injection for tests/test_checkpoint.py, on PYTHONPATH only there: with E2RANK_TEST_SLOW_SAVE=<seconds>,
+"""Fault injection for tests/trainer/test_checkpoint.py, on PYTHONPATH only there: with E2RANK_TEST_SLOW_SAVE=<seconds>,
 every torch.save into a checkpoint being written (`*.partial`) and its final rename wait that long first, so a test
 can SIGKILL the job at a chosen point inside a save. Nothing else changes."""
 
