@@ -129,6 +129,8 @@ RATIOS = {
     "stage1_vs_mnrl": ("ours-{d}", "st-{d}"),
     "stage1_z2_vs_mnrl": ("ours-z2-{d}", "st-{d}"),
     "gradcache_vs_cachedmnrl": ("ours-gc-{d}", "st-cmnrl-{d}"),
+    "stage1_z2_autocast_vs_mnrl": ("ours-z2-ac-{d}", "st-{d}"),
+    "gradcache_autocast_vs_cachedmnrl": ("ours-gc-ac-{d}", "st-cmnrl-{d}"),
 }
 
 
@@ -148,7 +150,8 @@ def main() -> int:
         "--configs",
         nargs="+",
         default=["ours-fp32", "st-fp32", "ours-gc-fp32", "st-cmnrl-fp32"],
-        help="ours-[z2-|gc-]DTYPE (ZeRO-3 unless z2; gc = GradCache), st-DTYPE, st-cmnrl-DTYPE",
+        help="ours-[z2-][gc-][ac-]DTYPE (ZeRO-3 unless z2; gc = GradCache; ac = bf16 under torch.autocast with fp32 "
+        "weights), st-DTYPE, st-cmnrl-DTYPE",
     )
     ap.add_argument("--work", default="", help="scratch folder (shards are reused; every run trains afresh)")
     ap.add_argument("--len", type=int, default=512, help="query and document max length (tokens)")
@@ -224,6 +227,7 @@ def main() -> int:
                     f"loader.batch_size={args.batch}",
                     "loader.negatives_per_query=3",
                     f"model.dtype={dtype}",
+                    f"model.autocast={str('-ac-' in c).lower()}",
                     "optim.lr=0.00001",
                     "loss.temperature=0.03",
                     f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",

@@ -9,9 +9,11 @@ then `~/.ray/auth_token`; we use the path and drop an inherited `RAY_AUTH_TOKEN`
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -57,7 +59,10 @@ def ensure_local_token() -> None:
         return
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
-    os.environ.update(auth_env(write_token(token_dir())))
+    path = write_token(token_dir())
+    os.environ.update(auth_env(path))
+    # the embedded Ray this token is for ends with this process: so does the token (no stale secrets in /tmp)
+    atexit.register(shutil.rmtree, path.parent, ignore_errors=True)
     if "ray._raylet" in sys.modules:  # Ray read RAY_AUTH_MODE when imported: have it read the settings again
         from ray._raylet import AuthenticationTokenLoader, Config
 

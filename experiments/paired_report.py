@@ -1,4 +1,4 @@
-"""Paired comparisons between models and modes from the run files trainer.evaluate wrote, for a results folder.
+"""Paired comparisons between models and modes from the run files `python -m evaluation` wrote, for a results folder.
 
 Each comparison is (set, b, a) with b and a given as (tag, mode); mode "first_stage" is the first-stage order the
 evaluated set came with (BM25 on SciFact test, the given order on NovelEval). `report` writes paired.json (mean

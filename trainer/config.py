@@ -15,6 +15,9 @@ class ModelConfig:
     # auto: flash-attn if installed on CUDA, else sdpa
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32
+    # bf16 compute under torch.autocast with fp32 weights, gradients and optimizer (DeepSpeed's torch_autocast, as
+    # sentence-transformers trains with bf16=True): no bf16 -> fp32 master-weight copies in the optimizer step
+    autocast: bool = False
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1.3x compute
     # causal decoders: each chunk's sequences concatenated into one unpadded row (modeling/packing.py); auto = on GPUs
     packing: Literal["auto", "on", "off"] = "auto"

@@ -101,7 +101,8 @@ class Trainer:
             optimizer=make_optimizer(cfg, params) if client_optimizer(cfg) else None,
             lr_scheduler=make_scheduler(cfg.optim.warmup_steps, cfg.run.max_steps),
             config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda, self.resume.reshard,
-                             self.zero, micro_batch=self.loader_cfg.batch_size))
+                             self.zero, micro_batch=self.loader_cfg.batch_size,
+                             autocast=self.prec.name == "bf16-autocast"))
         self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens, min_efficiency=cfg.encode.min_chunk_efficiency) \
             if cfg.encode.grad_cache else None
 
@@ -114,7 +115,7 @@ class Trainer:
             self._set_max_steps(min(self.max_steps, state.get("max_steps", self.max_steps)), "resumed")
         self.tracker = Tracker(self.out, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
                                run_id, self.rank == 0)
-        peak = cfg.run.peak_flops or measure_peak_flops(self.prec.dtype, self.device)
+        peak = cfg.run.peak_flops or measure_peak_flops(self.prec.compute, self.device)
         # FLOPs count matmul weights only: the input embedding is a lookup (nanoGPT excludes it likewise)
         self.metrics = MetricsLogger(log_every=cfg.run.log_every, world=self.world, device=self.device,
                                      flop_params=self.n_params - backbone.get_input_embeddings().weight.numel(),

@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Precision:
-    dtype: torch.dtype
-    name: str
+    dtype: torch.dtype  # of the weights
+    name: str  # fp32, bf16, or bf16-autocast (fp32 weights, bf16 matmuls)
+
+    @property
+    def compute(self) -> torch.dtype:
+        return torch.float32 if self.name == "fp32" else torch.bfloat16
 
 
 def resolve_precision(cfg: ModelConfig, cuda: bool) -> Precision:
@@ -31,6 +35,8 @@ def resolve_precision(cfg: ModelConfig, cuda: bool) -> Precision:
     if cfg.dtype == "bf16" and not native_bf16(cuda):
         log.warning("[model] bf16 requested on a CPU without native bf16 (no AMX/AVX512-BF16): expect it to run many "
                     "times slower than fp32; model.dtype=auto picks fp32 here")
+    if cfg.autocast:
+        return Precision(torch.float32, "bf16-autocast")
     return Precision(torch.bfloat16, "bf16")
 
 

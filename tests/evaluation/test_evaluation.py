@@ -132,7 +132,7 @@ def test_cli_on_noveleval_with_a_tiny_model(tiny, tmp_path):
     nov = SHARED / "noveleval"
     if not (nov / "data.json").is_file():
         pytest.skip(f"NovelEval not found at {nov} (set E2RANK_SHARED_DATA)")
-    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--base", "--model", str(tiny), "--data",
+    r = subprocess.run([sys.executable, "-m", "evaluation", "--base", "--model", str(tiny), "--data",
                         str(nov / "data.json"), "--qrels", str(nov / "qrels.txt"), "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -143,7 +143,7 @@ def test_cli_on_noveleval_with_a_tiny_model(tiny, tmp_path):
         [
             sys.executable,
             "-m",
-            "trainer.evaluate",
+            "evaluation",
             "--model",
             str(tiny),
             "--data",
@@ -238,7 +238,7 @@ def test_cli_without_qrels_fails_and_warns_on_an_unknown_source(tiny, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "trainer.evaluate",
+        "evaluation",
         "--model",
         str(tiny),
         "--base",
@@ -262,7 +262,7 @@ def test_cli_first_stage_only_needs_no_model_and_reports_progress(tiny, tmp_path
     (tmp_path / "data").mkdir()
     data, qrels = _rankgpt(tmp_path / "data", "rank_llm")  # the set is named after the folder: "data"
     qrels.write_text("q0 0 d01 1\nq0 0 d02 3\nq1 0 d11 2\n")
-    base = [sys.executable, "-m", "trainer.evaluate", "--data", str(data), "--qrels", str(qrels), "--source", "msmarco"]
+    base = [sys.executable, "-m", "evaluation", "--data", str(data), "--qrels", str(qrels), "--source", "msmarco"]
     r = subprocess.run(
         base + ["--modes", "first_stage", "--out", str(tmp_path / "fs")],
         cwd=ROOT,
@@ -332,7 +332,7 @@ def test_cli_on_an_export_logs_a_nested_evaluation_run_and_fills_the_model_card(
         [
             sys.executable,
             "-m",
-            "trainer.evaluate",
+            "evaluation",
             "--model",
             str(export),
             "--data",
@@ -361,7 +361,7 @@ def test_cli_on_an_export_logs_a_nested_evaluation_run_and_fills_the_model_card(
         [
             sys.executable,
             "-m",
-            "trainer.evaluate",
+            "evaluation",
             "--model",
             str(export),
             "--data",
@@ -381,3 +381,24 @@ def test_cli_on_an_export_logs_a_nested_evaluation_run_and_fills_the_model_card(
         timeout=300,
     )
     assert r.returncode == 0 and len([x for x in client.search_runs([exp]) if x.info.run_name == "evaluation"]) == 1
+
+
+def test_old_names_still_work_for_one_release_and_say_so():
+    """`python -m trainer.evaluate` and `trainer.reranker` / `trainer.evaluation` are deprecated names for
+    `python -m evaluation` and the evaluation package: they run the same code and say what replaces them."""
+    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "python -m evaluation" in r.stdout
+    assert "[deprecated] `python -m trainer.evaluate` is now `python -m evaluation`" in r.stderr
+    code = ("import warnings; warnings.simplefilter('error', FutureWarning)\n"
+            "try:\n    import trainer.reranker\nexcept FutureWarning as w:\n    print(w)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "trainer.reranker is now evaluation.reranker" in r.stdout
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = importlib.import_module("trainer.reranker")
+        old_eval = importlib.import_module("trainer.evaluation")
+    assert old.Reranker is Reranker and old_eval.evaluate is evaluate and old_eval.metrics is metrics
