@@ -129,6 +129,8 @@ RATIOS = {
     "stage1_vs_mnrl": ("ours-{d}", "st-{d}"),
     "stage1_z2_vs_mnrl": ("ours-z2-{d}", "st-{d}"),
     "gradcache_vs_cachedmnrl": ("ours-gc-{d}", "st-cmnrl-{d}"),
+    "stage1_z0_vs_mnrl": ("ours-z0-{d}", "st-{d}"),
+    "gradcache_z0_vs_cachedmnrl": ("ours-z0-gc-{d}", "st-cmnrl-{d}"),
     "stage1_z2_autocast_vs_mnrl": ("ours-z2-ac-{d}", "st-{d}"),
     "gradcache_autocast_vs_cachedmnrl": ("ours-gc-ac-{d}", "st-cmnrl-{d}"),
 }
@@ -150,7 +152,7 @@ def main() -> int:
         "--configs",
         nargs="+",
         default=["ours-fp32", "st-fp32", "ours-gc-fp32", "st-cmnrl-fp32"],
-        help="ours-[z2-][gc-][ac-]DTYPE (ZeRO-3 unless z2; gc = GradCache; ac = bf16 under torch.autocast with fp32 "
+        help="ours-[z0-|z2-][gc-][ac-]DTYPE (ZeRO-3 unless z0 or z2; gc = GradCache; ac = bf16 under torch.autocast with fp32 "
         "weights), st-DTYPE, st-cmnrl-DTYPE",
     )
     ap.add_argument("--work", default="", help="scratch folder (shards are reused; every run trains afresh)")
@@ -177,7 +179,11 @@ def main() -> int:
     global LEN
     LEN = args.len
     if args.st_worker:
-        return st_worker(args)
+        rc = st_worker(args)
+        sys.stdout.flush()
+        # leave without interpreter teardown: a rank has hung there after its work was done (its threads never
+        # joined), leaving torchrun waiting with the result already printed
+        os._exit(rc)
     if args.profile and args.steps < PROFILE_STEP + 1:
         ap.error(f"--profile needs --steps >= {PROFILE_STEP + 1} (the profiled step is not timed)")
 
@@ -232,7 +238,7 @@ def main() -> int:
                     "loss.temperature=0.03",
                     f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
                     f"encode.grad_cache={str('-gc-' in c).lower()}",
-                    f"deepspeed.zero_stage={2 if '-z2-' in c else 3}",
+                    f"deepspeed.zero_stage={2 if '-z2-' in c else 0 if '-z0-' in c else 3}",
                     f"encode.chunk_tokens={args.mini_batch * 5 * LEN if '-gc-' in c else 8192}",
                     f"run.profile_step={PROFILE_STEP + 1 if args.profile else 0}",
                     *args.ours_args,

@@ -40,11 +40,16 @@ def plan(cfg: TrainConfig, *, n_params: int, largest: int, bytes_per: int, rank_
     """The ZeRO stage and sizes this run uses and why (derived values; the config itself is not changed).
     `zero_stage: auto` is ZeRO-2 when the weights fit a rank (weights whole, gradients and optimizer states
     partitioned, no per-module hooks: a SmolLM2-135M CPU step took 15.3 s against 18.8 s for ZeRO-3 with every tensor
-    persistent, bench/README.md), else ZeRO-3; a resumed run keeps the stage its checkpoint was written with."""
+    persistent, bench/README.md), else ZeRO-3. On CPUs, when all model states fit (weights, gradients, fp32 master
+    weights and Adam moments: ~16 bytes a parameter) it is ZeRO-0, plain data parallelism: no partitioned optimizer
+    step, whose copies and bookkeeping cost a SmolLM2-135M bf16 step ~0.8 s (bench/README.md). A resumed run keeps the
+    stage its checkpoint was written with."""
     ds = cfg.deepspeed
     bucket = ds.reduce_bucket_size or (GPU_BUCKET if cuda else CPU_BUCKET)
     weights = n_params * bytes_per
     fits = weights <= PERSIST_FRACTION * rank_bytes
+    states = n_params * (bytes_per + 12)  # + fp32 gradients or master weights, Adam's two moments
+    states_fit = not cuda and states <= PERSIST_FRACTION * rank_bytes
     size = (
         f"the weights ({weights / 2**30:.2f} GB) {'fit' if fits else 'do not fit'} a rank ({rank_bytes / 2**30:.1f} GB)"
     )
@@ -54,6 +59,8 @@ def plan(cfg: TrainConfig, *, n_params: int, largest: int, bytes_per: int, rank_
             stage, why = resumed_stage, "zero_stage auto: the stage the checkpoint was written with"
         else:
             stage, why = (2, f"zero_stage auto: {size}") if fits else (3, f"zero_stage auto: {size}")
+            if states_fit:
+                stage, why = 0, f"zero_stage auto: on a CPU the model states ({states / 2**30:.2f} GB) fit a rank"
     if stage != 3:
         return ZeroPlan(
             stage,

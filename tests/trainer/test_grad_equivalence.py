@@ -51,7 +51,7 @@ def global_batch(stage: int, b: int = 4, g: int = 3, seed: int = 0) -> dict:
                                                (1, 3, "chunked"), (2, 3, "chunked"), (1, 3, "cached"), (2, 3, "cached"),
                                                (1, 3, "packed"), (2, 3, "packed"), (2, 3, "packed-cached"),
                                                (1, 3, "persist"), (1, 3, "local"), (2, 3, "local"),
-                                               (2, 3, "local-cached")])
+                                               (2, 3, "local-cached"), (1, 0, "padded"), (2, 0, "cached")])
 def test_sharded_gradients_equal_single_process(tmp_path, stage, zero, mode):
     """padded: one forward per field; chunked: length-grouped chunks (chunk counts agreed across ranks);
     cached: GradCache (graph-free embeddings, loss, then chunk-by-chunk re-encoding with cached gradients);

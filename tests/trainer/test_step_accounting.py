@@ -82,9 +82,16 @@ def test_measured_peak_is_plausible(threads):
 
 
 def test_auto_stage_is_zero2_when_the_weights_fit_and_keeps_a_checkpoints_stage():
-    fit = plan(cfg(zero_stage="auto"), n_params=135_000_000, largest=28_311_552, bytes_per=4, rank_bytes=11 * GB,
+    # a CPU rank that holds all model states (135M x 16 bytes = 2.0 GB <= a quarter of 11 GB): plain data parallel
+    cpu = plan(cfg(zero_stage="auto"), n_params=135_000_000, largest=28_311_552, bytes_per=4, rank_bytes=11 * GB,
                cuda=False)
-    assert fit.stage == 2 and "auto" in fit.reason
+    assert cpu.stage == 0 and "model states" in cpu.reason
+    fit = plan(cfg(zero_stage="auto"), n_params=135_000_000, largest=28_311_552, bytes_per=4, rank_bytes=6 * GB,
+               cuda=False)
+    assert fit.stage == 2 and "auto" in fit.reason  # the weights fit, the states do not
+    gpu = plan(cfg(zero_stage="auto"), n_params=135_000_000, largest=28_311_552, bytes_per=2, rank_bytes=11 * GB,
+               cuda=True)
+    assert gpu.stage == 2  # GPUs: not measured against ZeRO-0, ZeRO-2 stays
     assert ds_config(cfg(zero_stage="auto"), bf16=False, hidden=64, zero=fit)["zero_optimization"]["stage"] == 2
     big = plan(cfg(zero_stage="auto"), n_params=8_000_000_000, largest=500_000_000, bytes_per=2, rank_bytes=40 * GB,
                cuda=True)
