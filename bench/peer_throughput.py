@@ -152,8 +152,8 @@ def main() -> int:
         "--configs",
         nargs="+",
         default=["ours-fp32", "st-fp32", "ours-gc-fp32", "st-cmnrl-fp32"],
-        help="ours-[z0-|z2-][gc-][ac-]DTYPE (ZeRO-3 unless z0 or z2; gc = GradCache; ac = bf16 under torch.autocast with fp32 "
-        "weights), st-DTYPE, st-cmnrl-DTYPE",
+        help="ours-[z0-|z2-][gc-][ac-]DTYPE (ZeRO-3 unless z0 or z2; gc = GradCache; ac = bf16 under torch.autocast "
+        "with fp32 weights), st-DTYPE, st-cmnrl-DTYPE",
     )
     ap.add_argument("--work", default="", help="scratch folder (shards are reused; every run trains afresh)")
     ap.add_argument("--len", type=int, default=512, help="query and document max length (tokens)")
