@@ -183,6 +183,27 @@ def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict[str,
     return trainer_state(ckpt_dir, tag)
 
 
+def zero0_state_dict(ckpt_dir: Path, tag: str) -> dict[str, Any] | None:
+    """The fp32 weights of a ZeRO-0 checkpoint (None for ZeRO 1-3, which deepspeed's zero_to_fp32 reads): nothing is
+    partitioned, the module's weights are in the model states file, and under bf16 the fp32 master weights are the
+    optimizer's `fp32_groups`, in the order of the parameters it was given (the module's, every one trainable)."""
+    sd = torch.load(Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    if sd.get("param_shapes") is not None:
+        return None
+    module = sd["module"]
+    buffers = set(sd.get("buffer_names") or [])
+    names = [k for k in module if k not in buffers]
+    optim = sd.get("optimizer") if isinstance(sd.get("optimizer"), dict) else {}
+    masters = [t for group in optim.get("fp32_groups") or [] for t in group]
+    state = {k: v.float() for k, v in module.items()}
+    if masters:
+        if len(masters) != len(names) or any(m.numel() != module[n].numel() for m, n in zip(masters, names)):
+            raise RuntimeError(f"export: the fp32 master weights of {ckpt_dir / tag} do not line up with the module's "
+                               f"parameters ({len(masters)} masters, {len(names)} parameters)")
+        state.update({n: m.detach().float().view_as(module[n]) for n, m in zip(names, masters)})
+    return state
+
+
 def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: Path, info: dict[str, Any],
            card_config: dict[str, Any] | None = None) -> Path:
     """Consolidate a ZeRO checkpoint into a folder that plain `transformers.AutoModel` and `SentenceTransformer` load
@@ -190,7 +211,9 @@ def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    state = zero0_state_dict(ckpt_dir, tag)
+    if state is None:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     config = AutoConfig.from_pretrained(model_path)
     model = AutoModel.from_config(config)

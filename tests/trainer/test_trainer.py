@@ -137,6 +137,35 @@ def test_stage2_trains_with_ranknet(setup):
     assert (out / "export" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_zero0_run_exports_its_fp32_weights(setup, tmp_path, dtype):
+    """ZeRO-0 (what zero_stage=auto picks on a CPU whose rank holds every model state) writes no partitioned states,
+    which deepspeed's zero_to_fp32 cannot read: the export takes the module's weights, and under bf16 the optimizer's
+    fp32 master weights, which the probe's bf16 embeddings match to bf16 round-off."""
+    from transformers import AutoModel
+
+    from modeling.embedding import embed
+    from trainer.checkpoint import zero0_state_dict
+
+    require_netns()
+    out = tmp_path / "z0"
+    r = torchrun(train_cmd(setup["c"], setup["model"], out, "run.max_steps=3", "run.save_every=3",
+                           "deepspeed.zero_stage=0", f"model.dtype={dtype}"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "zero_stage=0" in r.stdout
+    model = AutoModel.from_pretrained(out / "export", dtype=torch.float32).eval()
+    probe = torch.load(out / "probe_embeddings.pt")
+    with torch.no_grad():
+        emb = embed(model, probe["input_ids"], probe["attention_mask"], "last")
+    cos = torch.nn.functional.cosine_similarity(emb, probe["embeddings"].float()).min().item()
+    assert cos > (1 - 1e-6 if dtype == "fp32" else 0.99), cos
+    w = model.layers[0].self_attn.q_proj.weight
+    trained = zero0_state_dict(out / "checkpoints", "step00000003")["backbone.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(w, trained)
+    if dtype == "bf16":  # the masters, not the bf16 weights: values bf16 cannot hold
+        assert not torch.equal(w, w.to(torch.bfloat16).float())
+
+
 def test_mlflow_server_over_http(setup, tmp_path, monkeypatch):
     """Metrics, and the export as a registered MLflow model, through a real `mlflow server` on 127.0.0.1."""
     require_netns()
