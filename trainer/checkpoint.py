@@ -187,7 +187,10 @@ def zero0_state_dict(ckpt_dir: Path, tag: str) -> dict[str, Any] | None:
     """The fp32 weights of a ZeRO-0 checkpoint (None for ZeRO 1-3, which deepspeed's zero_to_fp32 reads): nothing is
     partitioned, the module's weights are in the model states file, and under bf16 the fp32 master weights are the
     optimizer's `fp32_groups`, in the order of the parameters it was given (the module's, every one trainable)."""
-    sd = torch.load(Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt"  # ZeRO-3 names it zero_pp_rank_*_mp_rank_00_...
+    if not states.is_file():
+        return None
+    sd = torch.load(states, map_location="cpu", weights_only=False)
     if sd.get("param_shapes") is not None:
         return None
     module = sd["module"]
