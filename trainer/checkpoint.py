@@ -183,16 +183,11 @@ def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict[str,
     return trainer_state(ckpt_dir, tag)
 
 
-def zero0_state_dict(ckpt_dir: Path, tag: str) -> dict[str, Any] | None:
-    """The fp32 weights of a ZeRO-0 checkpoint (None for ZeRO 1-3, which deepspeed's zero_to_fp32 reads): nothing is
-    partitioned, the module's weights are in the model states file, and under bf16 the fp32 master weights are the
-    optimizer's `fp32_groups`, in the order of the parameters it was given (the module's, every one trainable)."""
-    states = Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt"  # ZeRO-3 names it zero_pp_rank_*_mp_rank_00_...
-    if not states.is_file():
-        return None
-    sd = torch.load(states, map_location="cpu", weights_only=False)
-    if sd.get("param_shapes") is not None:
-        return None
+def zero0_state_dict(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """The fp32 weights of a ZeRO-0 checkpoint, which deepspeed's zero_to_fp32 cannot read: nothing is partitioned,
+    the module's weights are in the model states file, and under bf16 the fp32 master weights are the optimizer's
+    `fp32_groups`, in the order of the parameters it was given (the module's, every one trainable)."""
+    sd = torch.load(Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     module = sd["module"]
     buffers = set(sd.get("buffer_names") or [])
     names = [k for k in module if k not in buffers]
@@ -214,8 +209,9 @@ def export(ckpt_dir: Path, tag: str, model_path: str, tokenizer_path: str, out: 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    state = zero0_state_dict(ckpt_dir, tag)
-    if state is None:
+    if trainer_state(ckpt_dir, tag).get("zero_stage") == 0:  # the stage the trainer recorded with the checkpoint
+        state = zero0_state_dict(ckpt_dir, tag)
+    else:
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     config = AutoConfig.from_pretrained(model_path)
