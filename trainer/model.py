@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modeling import cpu_attention
 from modeling.embedding import is_causal, native_bf16
 from modeling.packing import kernel_name, register
 
@@ -100,9 +101,17 @@ def load_backbone(path: str, cfg: ModelConfig, dtype: torch.dtype, cuda: bool) -
     for impl in attention_candidates(cfg, cuda):
         try:
             model = AutoModel.from_pretrained(path, attn_implementation=impl, dtype=dtype)
+            fp32_short = not cuda and dtype == torch.bfloat16 and cfg.fp32_attention_max_len > 0 and is_causal(model)
+            if fp32_short:
+                cpu_attention.set_max_len(model, cfg.fp32_attention_max_len)
             if wants_packing(cfg, cuda) and is_causal(model):
                 model.set_attn_implementation(register())
                 impl = f"{register()} ({kernel_name('cuda' if cuda else 'cpu', dtype)}; unpacked: {impl})"
+            elif fp32_short and impl == "sdpa":
+                model.set_attn_implementation(cpu_attention.register())
+                impl = cpu_attention.NAME
+            if fp32_short and impl != "eager":
+                impl += f" (training: fp32 attention up to {cfg.fp32_attention_max_len} tokens)"
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if cfg.compile:
