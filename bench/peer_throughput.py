@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +35,7 @@ LEN = 512  # --len overrides (q and d)
 PROFILE_STEP = 2  # 0-based: the third step (after the excluded first and one timed step)
 
 
-def st_worker(args) -> int:
+def st_worker(args) -> NoReturn:
     """One rank of the sentence-transformers run (under torchrun)."""
     import torch
     import torch.distributed as dist
@@ -116,8 +117,11 @@ def st_worker(args) -> int:
             )
             + "\n"
         )
-    dist.destroy_process_group()
-    return 0
+    sys.stdout.flush()
+    # leave here, DDP still alive: freeing its reducer deadlocked (py-spy --native: the main thread, holding the GIL,
+    # waited in ~ProcessGroupGloo for a mutex that a gloo thread held while it waited for the GIL to free a finished
+    # all-reduce), leaving torchrun waiting with the result already printed
+    os._exit(0)
 
 
 def torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -179,11 +183,7 @@ def main() -> int:
     global LEN
     LEN = args.len
     if args.st_worker:
-        rc = st_worker(args)
-        sys.stdout.flush()
-        # leave without interpreter teardown: a rank has hung there after its work was done (its threads never
-        # joined), leaving torchrun waiting with the result already printed
-        os._exit(rc)
+        st_worker(args)  # leaves the process itself (os._exit)
     if args.profile and args.steps < PROFILE_STEP + 1:
         ap.error(f"--profile needs --steps >= {PROFILE_STEP + 1} (the profiled step is not timed)")
 
