@@ -306,6 +306,11 @@ def main() -> int:
 
     native = "bf16" if native_bf16(False) else "fp32"  # what model.dtype=auto trains in on this box
     ratios.update({k[: -len(native) - 1]: v for k, v in list(ratios.items()) if k.endswith(f"_{native}")})
+    # the headline keys name our default: on a CPU, zero_stage=auto is ZeRO-0 when the model states fit (SmolLM2 does)
+    for key in (f"stage1_vs_mnrl_{LEN}", f"gradcache_vs_cachedmnrl_{LEN}"):
+        z0 = key.replace("_vs_", "_z0_vs_")
+        if z0 in ratios:
+            ratios[key] = ratios[z0]
     if f"gradcache_vs_cachedmnrl_{LEN}" in ratios:
         ratios["gradcache_vs_cachedmnrl"] = ratios[f"gradcache_vs_cachedmnrl_{LEN}"]
     if phases:

@@ -70,20 +70,30 @@ def test_evaluation_is_bitwise_sdpa(model_dir):
         assert torch.equal(embed(a, ids, mask, "last"), embed(b, ids, mask, "last"))
 
 
-def test_training_matches_bf16_sdpa_and_masks_are_built(model_dir):
-    """Same embeddings and gradients as bf16 sdpa to bf16 round-off, through the causal path and through a padding
-    mask passed straight to the backbone (no mask built would attend to padding: far off)."""
+def grads_of(model, ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    e = embed(model, ids, mask, "last")
+    w = torch.randn(e.shape, generator=torch.Generator().manual_seed(1))
+    (e * w).sum().backward()
+    return e.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def rel_err(g: dict, ref: dict) -> float:
+    return max(((g[n] - ref[n]).abs().max() / (ref[n].abs().max() + 1e-12)).item() for n in ref)
+
+
+def test_training_stays_within_bf16_round_off_and_masks_are_built(model_dir):
+    """Against the fp32 model, the bf16 model's embeddings and gradients are as close with fp32 attention as with
+    bf16 sdpa (both ~1e-2 of the largest gradient entry: bf16 weights and activations); and a padding mask passed
+    straight to the backbone is honoured (no mask built would attend to padding: far off)."""
     a, b = models(model_dir)
-    a.train(), b.train()
+    ref = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
     ids, mask = batch(4, 24)
-    ea, eb = embed(a, ids, mask, "last"), embed(b, ids, mask, "last")
-    assert (ea - eb).abs().max() < 3e-2
-    w = torch.randn_like(ea)
-    (ea * w).sum().backward()
-    (eb * w).sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        rel = ((pa.grad.float() - pb.grad.float()).abs().max() / (pa.grad.float().abs().max() + 1e-12)).item()
-        assert rel < 0.1, f"{n}: {rel:.2e}"
+    e32, g32 = grads_of(ref, ids, mask)
+    ea, ga = grads_of(a, ids, mask)
+    eb, gb = grads_of(b, ids, mask)
+    assert (eb - e32).abs().max() < 5e-3 and (ea - e32).abs().max() < 5e-3
+    assert rel_err(gb, g32) < 3e-2 and rel_err(ga, g32) < 3e-2, (rel_err(gb, g32), rel_err(ga, g32))
     ha = a(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
     hb = b(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
     assert ((ha.float() - hb.float()).abs().max() / ha.float().abs().max()).item() < 3e-2
