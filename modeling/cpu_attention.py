@@ -1,12 +1,13 @@
 """sdpa for training a bf16 decoder on a CPU: short sequences attend in fp32.
 
 torch's CPU flash-attention kernel, which sdpa picks for bf16, has a slow backward for short sequences: on an AMX
-Xeon (SmolLM2 shape: 9 query / 3 KV heads of 64, causal, one thread) its forward + backward took 44 ms for 32 x 64
-tokens and 49 ms for 16 x 128, against 20 and 29 ms when q/k/v are cast to fp32 first (the fp32 kernel; gradients
-also closer to fp64's); from 256 tokens bf16 is as fast or faster (41 vs 49 ms for 8 x 256, 55 vs 77 ms for 4 x 512).
-`bench/attention_cpu.py` measures it. So in training mode, on the CPU, for bf16 inputs of at most `max_len` tokens,
-this casts q/k/v to fp32 around transformers' own sdpa and the output back; everything else (evaluation, long
-sequences, fp32 models, GPUs) is transformers' sdpa unchanged. Masks are built exactly as for sdpa.
+Xeon (SmolLM2 shape: 9 query / 3 KV heads of 64, causal, one thread; bench/results/attention-cpu.json) its forward +
+backward took 52 ms for 32 x 64 tokens and 61 ms for 16 x 128, against 25 and 33 ms when q/k/v are cast to fp32
+first (the fp32 kernel; gradients also closer to fp64's); 0.95x at 8 x 192, and from 256 tokens bf16 is faster
+(1.04x at 8 x 256, 1.19x at 4 x 512); `bench/attention_cpu.py` measures it. So in training mode, on the CPU, for
+bf16 inputs of at most `max_len` tokens, this casts q/k/v to fp32 around transformers' own sdpa and the output back;
+everything else (evaluation, long sequences, fp32 models, GPUs) is transformers' sdpa unchanged. Masks are built
+exactly as for sdpa.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from functools import cache
 import torch
 
 NAME = "e2rank_sdpa_cpu"
-MAX_LEN = 192  # the crossover measured above: fp32 wins at <= 128 tokens, bf16 at >= 256 (one thread)
+MAX_LEN = 192  # the crossover measured above: fp32 wins up to 192 tokens, bf16 from 256 (one thread)
 ATTR = "fp32_attention_max_len"  # set on a model's attention modules by `apply`; MAX_LEN when absent
 
 
