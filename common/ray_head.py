@@ -5,6 +5,7 @@ agent runs a job, and stopped by process group. Talk to it with `env` (subproces
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .cpu_allocator import WORKER_ENV
 from .net import free_port
 from .procs import kill_tree
 from .ray_auth import bearer, child_env, token_dir, write_token
@@ -36,7 +38,8 @@ class RayHead:
                "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
                "--temp-dir", self.temp]
         self.token_path = write_token(token_dir())  # a 0700 folder of its own, the file 0600
-        self.env = child_env(self.token_path)  # for processes that submit to it (and the head itself)
+        # for processes that submit to it, and the head itself (whose workers inherit WORKER_ENV)
+        self.env = child_env(self.token_path, {**WORKER_ENV, **os.environ})
         self.headers = bearer(self.token_path)
         self.log_path = Path(log)
         self.log = open(log, "ab")

@@ -81,9 +81,12 @@ def main(argv=None) -> int:
     from data_pipeline.job import run as run_pipeline
 
     if not os.environ.get("RAY_ADDRESS"):  # a local Ray of its own: token auth with a token of its own
+        from common.cpu_allocator import WORKER_ENV
         from common.ray_auth import ensure_local_token
 
         ensure_local_token()
+        for k, v in WORKER_ENV.items():  # inherited by the workers it starts (common/cpu_allocator.py)
+            os.environ.setdefault(k, v)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
     try:
         if cfg.pipeline.inputs:

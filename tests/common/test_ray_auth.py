@@ -1,6 +1,7 @@
 """Ray token authentication holds (common/ray_auth.py, common/ray_head.py): a real head in the loopback namespace
 refuses jobs without its token or with a wrong one, over the HTTP API and `ray job submit`, and nothing runs; with
-the token the job runs; the token is in no output."""
+the token the job runs; the token is in no output. The head also hands its workers one malloc arena
+(common/cpu_allocator.py WORKER_ENV)."""
 
 import json
 import os
@@ -78,6 +79,17 @@ def test_ray_job_submit_needs_the_token(ray_head, tmp_path):
     ok = _submit(ray_head, marker, ray_head.env)
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
     assert marker.exists() and not PATTERN.search(ok.stdout + ok.stderr)
+
+
+def test_ray_workers_of_the_head_get_one_malloc_arena(ray_head):
+    """A Ray task in a submitted job sees MALLOC_ARENA_MAX=1 from the head, though the submitter has none."""
+    code = ("import os, ray; ray.init(); "
+            "f = ray.remote(lambda: os.environ.get('MALLOC_ARENA_MAX')); print('ARENA', ray.get(f.remote()))")
+    env = {k: v for k, v in ray_head.env.items() if k != "MALLOC_ARENA_MAX"}
+    r = subprocess.run([RAY, "job", "submit", "--address", ray_head.url, "--", sys.executable, "-c", code], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "ARENA 1" in r.stdout, r.stdout[-2000:]
 
 
 def test_the_pipeline_cli_starts_its_own_ray_with_no_auth_settings_inherited(tmp_path):
