@@ -18,7 +18,7 @@ import torch
 
 NAME = "e2rank_sdpa_cpu"
 MAX_LEN = 192  # the crossover measured above: fp32 wins up to 192 tokens, bf16 from 256 (one thread)
-ATTR = "fp32_attention_max_len"  # set on a model's attention modules by `apply`; MAX_LEN when absent
+ATTR = "fp32_attention_max_len"  # set on a model's attention modules by `set_max_len`; MAX_LEN when absent
 
 
 def upcast(module: torch.nn.Module, query: torch.Tensor, length: int | None = None) -> bool:
@@ -53,9 +53,8 @@ def register() -> str:
 
 def set_max_len(model: torch.nn.Module, max_len: int) -> int:
     """Set the length limit on every attention module that has a `scaling` (Llama/Qwen3 attention); returns how
-    many. The packed attention (modeling/packing.py) reads the same limit."""
-    if max_len < 0:
-        raise ValueError(f"fp32 attention max_len must be >= 0 (0: never), got {max_len}")
+    many. The packed attention (modeling/packing.py) reads the same limit; 0 = never (the trainer's config checks
+    the value at start)."""
     n = 0
     for m in model.modules():
         if hasattr(m, "scaling") and hasattr(m, "is_causal"):

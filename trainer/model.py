@@ -101,9 +101,9 @@ def load_backbone(path: str, cfg: ModelConfig, dtype: torch.dtype, cuda: bool) -
     for impl in attention_candidates(cfg, cuda):
         try:
             model = AutoModel.from_pretrained(path, attn_implementation=impl, dtype=dtype)
-            fp32_short = not cuda and dtype == torch.bfloat16 and cfg.fp32_attention_max_len > 0 and is_causal(model)
-            if fp32_short:
+            if not cuda and is_causal(model):  # read by the sdpa and packed attentions (0 included: never)
                 cpu_attention.set_max_len(model, cfg.fp32_attention_max_len)
+            fp32_short = not cuda and dtype == torch.bfloat16 and cfg.fp32_attention_max_len > 0 and is_causal(model)
             if wants_packing(cfg, cuda) and is_causal(model):
                 model.set_attn_implementation(register())
                 impl = f"{register()} ({kernel_name('cuda' if cuda else 'cpu', dtype)}; unpacked: {impl})"
