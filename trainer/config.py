@@ -115,6 +115,10 @@ class RunConfig:
     # CPU: how freed activations are kept (trainer/memory.py set_cpu_allocator): reuse (fast: no page faults per
     # step), release (lowest RSS, each step faults its activations in again: a forward took 2x), default (glibc's)
     cpu_allocator: Literal["reuse", "release", "default"] = "reuse"
+    # CPU: subnormal floats (below 1.2e-38) take x86's slow microcode path: torch's fused AdamW ran 10x slower on
+    # states holding them. On, they are flushed to zero (FTZ/DAZ, as GPUs' fast-math kernels do) in the training
+    # thread and the threads it starts; bf16 shares fp32's exponent, so both are concerned.
+    flush_denormal: bool = True
 
 
 @dataclass

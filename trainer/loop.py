@@ -72,6 +72,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.prec = resolve_precision(cfg.model, cuda)
         self.malloc_set = not cuda and set_cpu_allocator(cfg.run.cpu_allocator)  # before the model and activations
+        self.flush_denormal = not cuda and cfg.run.flush_denormal and torch.set_flush_denormal(True)
         torch.manual_seed(cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         self.validator = Validator(cfg, self.plan)
@@ -189,6 +190,7 @@ class Trainer:
             "chunk_tokens": cfg.encode.chunk_tokens,
             "memory_estimate_gb": round(self.memory.total / GB, 2),
             "cpu_allocator": cfg.run.cpu_allocator if self.malloc_set else "default",
+            "flush_denormal": bool(self.flush_denormal),
             "batches_per_epoch": len(self.loader),
             "dropped_per_epoch": self.loader.dropped_per_epoch,
             "peak_flops_per_device": round(peak),

@@ -43,6 +43,7 @@ class MetricsLogger:
                  peak_flops: float, device: torch.device):
         self.log_every, self.world, self.device = log_every, world, device
         self.flop_params, self.attn_shape, self.causal, self.peak = flop_params, attn_shape, causal, peak_flops
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def should_log(self, step: int, last: int) -> bool:
         return step % self.log_every == 0 or step == last
@@ -66,6 +67,9 @@ class MetricsLogger:
         }
         if "ranknet" in s:
             m["ranknet"] = s["ranknet"]
+        if self.device.type == "cpu":  # pages faulted in since the last line: activations not reused by malloc
+            faults, self.faults = self.faults, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            m["page_faults"] = self.faults - faults
         m.update({f"time_{k}_s": v for k, v in out.get("phases", {}).items()})
         return m
 
@@ -78,4 +82,5 @@ class MetricsLogger:
             f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s | {m['step_time_s']:.2f}s | "
             f"mfu {m['mfu']:.1%} | pad-eff {m['padding_efficiency']:.2f} | mem {m['peak_mem_gb']:.2f}GB | "
             + " ".join(f"{k[5:-2]} {v:.2f}s" for k, v in m.items() if k.startswith("time_"))
+            + (f" | page faults {m['page_faults'] / 1e3:.0f}k" if "page_faults" in m else "")
         )

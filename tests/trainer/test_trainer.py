@@ -27,9 +27,11 @@ def test_startup_reports_the_run(full_run):
         "dtype=fp32",
         "zero_stage=3",
         "negatives_per_query=17",
+        "flush_denormal=True",
     ):  # 3 queries x 2 ranks x (1 + 2) candidates - the positive
         assert part in line, line
-    assert "[train] step 6/6" in stdout and "mfu" in stdout
+    assert "[train] step 6/6" in stdout and "mfu" in stdout and "page faults" in stdout
+    assert all(m["page_faults"] >= 0 for m in losses(out).values())  # pages faulted in per step, on a CPU
 
 
 def test_export_loads_with_plain_automodel_and_matches_the_engine(full_run):
