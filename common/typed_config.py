@@ -41,6 +41,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{path}: {value!r} matches none of {tp}: {'; '.join(errors)}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and value not in args and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (a CLI override too) as a boolean
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
         return value

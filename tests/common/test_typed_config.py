@@ -29,6 +29,18 @@ def test_yaml_then_overrides(tmp_path):
     assert (c.name, c.rate, c.inner.n, c.inner.mode, c.items) == ("from-yaml", 2.0, 3, "b", ["p", "q"])
 
 
+def test_on_off_settings_take_bare_on_and_off(tmp_path):
+    """YAML 1.1 reads a bare on/off as a boolean: `model.packing=on` must still mean "on"."""
+    from trainer.config import TrainConfig
+
+    y = tmp_path / "c.yaml"
+    y.write_text("shards: s\nrun:\n  output_dir: o\nmodel:\n  path: m\n  packing: off\n")
+    assert load(TrainConfig, y, []).model.packing == "off"
+    assert load(TrainConfig, y, ["model.packing=on"]).model.packing == "on"
+    with pytest.raises(ConfigError, match="is not one of"):
+        load(Outer, None, ["inner.mode=true"])  # no on/off among the choices: a boolean stays an error
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
