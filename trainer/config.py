@@ -36,9 +36,10 @@ class EncodeConfig:
     """How a micro-batch reaches the backbone (modeling/chunking.py, trainer/grad_cache.py)."""
 
     chunk_tokens: int = 8192  # max padded tokens per forward (length-grouped chunks); 0 = one padded batch per field
-    # a chunk holds sequences while real/padded tokens stay >= this: 0.95 suits CPUs, where padding is compute; small
-    # models on GPUs are kernel-launch bound, where a lower floor (fewer, wider forwards) is the knob to try
-    min_chunk_efficiency: float = 0.95
+    # a chunk holds sequences while real/padded tokens stay >= this. Every forward of a training step costs a weight
+    # gradient per parameter on top of its tokens' work, so a floor of 0.95 cut the main job's fields into ~7 forwards
+    # a step and took 1.5x (stage 1) and 1.2x (stage 2) the time of 0.6's 2-3 wider forwards on a CPU (docs/main-job.md)
+    min_chunk_efficiency: float = 0.6
     # GradCache: loss on graph-free embeddings, then re-encode chunk by chunk (memory ~ 1 chunk)
     grad_cache: bool = False
     max_memory_gb: float = 0.0  # refuse to start if the per-rank estimate exceeds this; 0 = the free memory now
