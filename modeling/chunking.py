@@ -41,8 +41,9 @@ def plan_chunks(lengths, budget: int, multiple: int = 8, n_chunks: int | None = 
     """Indices of each chunk, longest sequences first. Greedy: a chunk grows while (count x its padded max length)
     stays within `budget` tokens and its real/padded tokens stay >= `min_efficiency` (a sequence longer than the
     budget gets a chunk of its own). An extra forward is not free: in training each one adds a weight gradient per
-    parameter (and its accumulation), which on a CPU outweighed a quarter more padding (trainer/config.py). With `n_chunks` (>= the greedy count,
-    <= len(lengths)), the chunk holding the most padded tokens is halved until there are exactly n_chunks.
+    parameter (and its accumulation), which on a CPU outweighed a quarter more padding (trainer/config.py). With
+    `n_chunks` (>= the greedy count, <= len(lengths)), the chunk holding the most padded tokens is halved until there
+    are exactly n_chunks.
     budget <= 0: a single chunk. packed: a chunk becomes one unpadded row (modeling/packing.py), so it costs its real
     tokens and has no padding to bound."""
     lengths = np.asarray(lengths, dtype=np.int64)
