@@ -31,7 +31,9 @@ def commit() -> str:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        # the records themselves do not count: a benchmark that merges figures twice would mark its own second run
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+        cwd=ROOT, capture_output=True, text=True,
     ).stdout.strip()
     return head + ("+changes" if dirty else "")
 
