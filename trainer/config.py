@@ -118,7 +118,7 @@ class RunConfig:
     cpu_allocator: Literal["reuse", "release", "default"] = "reuse"
     # CPU: subnormal floats (below 1.2e-38) take x86's slow microcode path: torch's fused AdamW ran 10x slower on
     # states holding them. On, they are flushed to zero (FTZ/DAZ, as GPUs' fast-math kernels do) in the training
-    # thread and the threads it starts; bf16 shares fp32's exponent, so both are concerned.
+    # thread (torch.set_flush_denormal); bf16 shares fp32's exponent, so both are concerned.
     flush_denormal: bool = True
 
 

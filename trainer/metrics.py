@@ -67,7 +67,7 @@ class MetricsLogger:
         }
         if "ranknet" in s:
             m["ranknet"] = s["ranknet"]
-        if self.device.type == "cpu":  # pages faulted in since the last line: activations not reused by malloc
+        if self.device.type == "cpu":  # pages faulted in since the last step's metrics: memory not reused by malloc
             faults, self.faults = self.faults, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             m["page_faults"] = self.faults - faults
         m.update({f"time_{k}_s": v for k, v in out.get("phases", {}).items()})
