@@ -94,7 +94,9 @@ def embed(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         return F.normalize(pool_packed(hidden, cu, pooling).float(), dim=-1)
     if causal:
         input_ids, attention_mask = to_right_padding(input_ids, attention_mask)
-        out = backbone(input_ids=input_ids)
+        # no KV cache: an embedding needs none, and transformers' DynamicCache (on by default) copies every layer's
+        # keys and values and, under torch.compile, recompiles each layer on its cache state (model.compile)
+        out = backbone(input_ids=input_ids, use_cache=False)
     else:
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     emb = pool(out.last_hidden_state, attention_mask, pooling)

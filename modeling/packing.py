@@ -159,6 +159,7 @@ def packed_hidden(
     """One packed forward: ([T, D] hidden states, cu_seqlens)."""
     flat, pos, cu, mx = pack(ids, mask)
     out = backbone(
-        input_ids=flat, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mx, max_length_k=mx
+        input_ids=flat, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mx, max_length_k=mx,
+        use_cache=False,  # as modeling/embedding.py embed
     )
     return out.last_hidden_state[0], cu

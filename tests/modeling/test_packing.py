@@ -127,3 +127,23 @@ def test_compiled_layers_give_the_eager_embeddings_and_gradients(model_dir):
         ea, eb = embed(a, ids, mask, "last"), embed(b, ids, mask, "last")
         assert torch.allclose(ea, eb, atol=1e-5), (ea - eb).abs().max()
     assert_same_gradients(a, b, ea, eb, 1e-4)
+
+
+def test_compiled_layers_compile_once_for_every_layer_and_length():
+    """The CPU's default path (length-grouped chunks, no packing) with model.compile: the layers share one dynamic
+    graph. With transformers' KV cache on, each layer's cache state was a new guard, so a 10-layer model recompiled
+    per layer and, past dynamo's recompile limit (8), ran the remaining layers eagerly."""
+    from transformers import LlamaConfig
+
+    from trainer.model import compile_layers
+
+    torch.manual_seed(0)
+    m = AutoModel.from_config(LlamaConfig(**{**TINY, "num_hidden_layers": 10}), attn_implementation="sdpa")
+    compile_layers(m)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for lens in ([12, 3, 9], [7, 7], [20, 16, 5, 2]):
+        ids, mask = batch(lens, max(lens), "right")
+        embed(m, ids, mask, "last").sum().backward()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 2, dict(torch._dynamo.utils.counters["stats"])
