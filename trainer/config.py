@@ -22,8 +22,9 @@ class ModelConfig:
     # causal decoders: each chunk's sequences concatenated into one unpadded row (modeling/packing.py); auto = on GPUs
     packing: Literal["auto", "on", "off"] = "auto"
     # torch.compile of each decoder layer (fuses RMSNorm, SwiGLU, RoPE, residual adds; dynamic shapes, so chunk lengths
-    # do not recompile). On a bf16 CPU it shortened the main job's steps by ~13% for 14-27 s of compilation per process
-    # (bench/README.md), so it pays over a run, not over a few steps: off by default, on in the main job (launch/main.py)
+    # do not recompile). On a bf16 CPU it shortened the main job's steps by ~13% for 14-27 s of compilation per
+    # process (bench/README.md): it pays over a run, not over a few steps. Off by default, on in the main job
+    # (launch/main.py)
     compile: bool = False
     # liger-kernel's fused RoPE / RMSNorm / SwiGLU for Qwen3 and Llama (CUDA, when the package is installed)
     liger: bool = False
