@@ -24,9 +24,9 @@ from modeling.export_format import EXPORT_INFO
 
 log = logging.getLogger(__name__)
 LENGTHS = ("query_max_len", "doc_max_len", "prompt_max_len")
-# Real/padded floor of a chunk. Lengths pad to a multiple of 8, so with 0.95 texts of 17-35 tokens mostly got a
-# forward of 1-3 each: the main job's 530 held-out documents took 271 forwards and 17.5 s on 2 cores, against 4.5-5 s
-# at 0.6 (queries 6.5 -> 1.2 s; bench/README.md "Inference chunks")
+# Real/padded floor of an inference chunk. Lengths pad to a multiple of 8, so with training's old 0.95 texts of 17-35
+# tokens mostly got a forward of 1-3 each: the main job's 530 held-out documents took 271 forwards and 17-18 s on 2
+# cores, against 4.3-5.9 s at 0.6 (queries 6.3-6.7 -> 1.0-1.4 s; bench/README.md "Evaluation chunks")
 INFERENCE_CHUNK_EFFICIENCY = 0.6
 
 
@@ -58,14 +58,13 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 class Reranker:
     def __init__(self, model, text: TextEncoder, pooling: str, batch_size: int = 32, device: str | None = None,
-                 encode=None, chunk_tokens: int = 8192, shard: tuple[int, int] = (0, 1),
-                 min_chunk_efficiency: float = INFERENCE_CHUNK_EFFICIENCY):
+                 encode=None, chunk_tokens: int = 8192, shard: tuple[int, int] = (0, 1)):
         """`encode(ids, mask) -> embeddings` replaces the model's forward (the trainer passes its DeepSpeed engine,
         so periodic evaluation runs on the partitioned ZeRO-3 model, every rank in step). Texts are encoded in
         length-sorted chunks of at most `batch_size` sequences and `chunk_tokens` padded tokens, each at least
-        `min_chunk_efficiency` real tokens (see INFERENCE_CHUNK_EFFICIENCY). `shard=(rank,
-        world)`: every rank of a process group calls with the same texts, encodes its share of the chunks and gets
-        every embedding back (the trainer's dev evaluation: each rank does 1/world of the work, not all of it)."""
+        INFERENCE_CHUNK_EFFICIENCY real. `shard=(rank, world)`: every rank of a process group calls with the same
+        texts, encodes its share of the chunks and gets every embedding back (the trainer's dev evaluation: each rank
+        does 1/world of the work, not all of it)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval() if model is not None else None
         causal = is_causal(model) if model is not None else None
@@ -74,7 +73,6 @@ class Reranker:
         self.pooling = pooling
         self.batch_size = batch_size
         self.chunk_tokens = chunk_tokens
-        self.min_chunk_efficiency = min_chunk_efficiency
         self.dtype = next(model.parameters()).dtype if model is not None else None
         self.query_format = "e2rank" if text.cfg.query_template == QUERY_TEMPLATE else text.cfg.query_template
         self.rank, self.world = shard
@@ -155,7 +153,7 @@ class Reranker:
         """Length-grouped chunks (modeling/chunking.py: little padding), results in input order. Sharded: this rank's
         chunks, then a sum across ranks fills in the rest. Ranks with fewer chunks run a 1-token forward per missing
         chunk, since under ZeRO-3 every forward is a collective."""
-        plan = plan_chunks([len(s) for s in seqs], self.chunk_tokens, min_efficiency=self.min_chunk_efficiency)
+        plan = plan_chunks([len(s) for s in seqs], self.chunk_tokens, min_efficiency=INFERENCE_CHUNK_EFFICIENCY)
         plan = [c[i : i + self.batch_size] for c in plan for i in range(0, len(c), self.batch_size)]
         if not plan:
             return np.zeros((len(seqs), 0), np.float32)

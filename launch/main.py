@@ -40,7 +40,7 @@ from data_pipeline import demo_corpus  # noqa: E402
 # when a run leaves the InfoNCE plateau (ln of the candidates) depends on the data order, and with 30 one seed in 4
 # had not (a longer warm-up, a lower or higher peak LR and temperature 0.02 did not fix it); auto precision (bf16
 # where the CPU multiplies it natively: as good as fp32 on dev and about 2x faster); compiled decoder layers (steps
-# 13% shorter on an AMX box, for 14-27 s of compilation per stage: bench/README.md). The encoder keeps what it was
+# 13% shorter on an AMX box, for 14-27 s of compilation per process: bench/README.md). The encoder keeps what it was
 # measured with.
 DEMO_DEFAULTS = {
     "decoder": {
