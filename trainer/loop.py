@@ -41,7 +41,7 @@ from .stream import make_loader
 from .time_budget import TimeBudget
 from .tracking import Tracker
 from .validator import Validator
-from .zero import client_optimizer, ds_config, make_optimizer, reduce_once
+from .zero import client_optimizer, ds_config, make_optimizer, master_weights, reduce_once
 from .zero import plan as zero_plan
 
 __all__ = ["PreflightError", "Trainer", "train"]
@@ -97,13 +97,16 @@ class Trainer:
         log.info("[zero] ZeRO-%d, persistence threshold %d, reduce bucket %d: %s", self.zero.stage,
                  self.zero.persistence_threshold, self.zero.reduce_bucket_size, self.zero.reason)
         params = [p for p in model.parameters() if p.requires_grad]
+        self.master = master_weights(cfg, self.zero.stage, self.prec.name == "bf16")
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params,
-            optimizer=make_optimizer(cfg, params) if client_optimizer(cfg) else None,
+            optimizer=make_optimizer(cfg, params, self.master) if client_optimizer(cfg) else None,
             lr_scheduler=make_scheduler(cfg.optim.warmup_steps, cfg.run.max_steps),
             config=ds_config(cfg, self.prec.name == "bf16", backbone.config.hidden_size, cuda, self.resume.reshard,
                              self.zero, micro_batch=self.loader_cfg.batch_size,
                              autocast=self.prec.name == "bf16-autocast"))
+        if self.master:  # MasterAdamW reduces the step's gradients once, in its step
+            self.engine.enable_backward_allreduce = False
         self.cache = CachedStep(self.engine, cfg.encode.chunk_tokens, min_efficiency=cfg.encode.min_chunk_efficiency) \
             if cfg.encode.grad_cache else None
 
@@ -182,6 +185,7 @@ class Trainer:
             "attention": self.attn,
             "dtype": self.prec.name,
             "zero_stage": self.zero.stage,
+            "optimizer": "fp32-master AdamW (trainer)" if self.master else "DeepSpeed",
             "negatives_per_query": lc.batch_size * scored_ranks * g - 1,
             "params": self.n_params,
             "global_batch": lc.batch_size * self.world * lc.grad_accum,

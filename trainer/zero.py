@@ -125,19 +125,21 @@ def ds_config(
             z["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
     if ds.offload_optimizer:
         z["offload_optimizer"] = {"device": "cpu"}
+    master = master_weights(cfg, zero.stage, bf16)
     out = {
         "train_micro_batch_size_per_gpu": micro_batch or cfg.loader.batch_size,
         "gradient_accumulation_steps": cfg.loader.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # MasterAdamW clips its fp32 gradient itself and keeps the bf16 weights' masters (DeepSpeed sees plain weights)
+        "gradient_clipping": 0.0 if master else cfg.optim.grad_clip,
         "zero_optimization": z,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16 and not master},
         # fp32 weights and optimizer, the forward under torch.autocast (its Linear gradients reduced in bf16)
         **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if autocast else {}),
         # no "scheduler": trainer/schedule.py owns it (passed to deepspeed.initialize)
         "steps_per_print": 10**9,
         # resuming a checkpoint written by another number of ranks (checkpoint.to_universal)
         **({"checkpoint": {"load_universal": True}} if universal else {}),
-        **({"communication_data_type": ds.communication_dtype} if ds.communication_dtype else {}),
+        **({"communication_data_type": ds.communication_dtype} if ds.communication_dtype and not master else {}),
     }
     if not client_optimizer(cfg):
         out["optimizer"] = {
@@ -158,10 +160,23 @@ def client_optimizer(cfg: TrainConfig) -> bool:
     return cfg.optim.fused and not cfg.deepspeed.offload_optimizer
 
 
-def make_optimizer(cfg: TrainConfig, params):
+def master_weights(cfg: TrainConfig, stage: int, bf16: bool) -> bool:
+    """bf16 weights under ZeRO-0 train through MasterAdamW (fp32 masters, one flat all-reduce:
+    trainer/master_weights.py) instead of DeepSpeed's BF16_Optimizer, whose per-parameter fp32 accumulation and fp32
+    all-reduce made ZeRO-0 no faster than ZeRO-2 on a CPU (bench/README.md)."""
+    return stage == 0 and bf16 and client_optimizer(cfg)
+
+
+def make_optimizer(cfg: TrainConfig, params, master: bool = False):
     import torch
 
     o = cfg.optim
+    if master:
+        from .master_weights import MasterAdamW
+
+        comm = {"": None, "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.deepspeed.communication_dtype]
+        return MasterAdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, max_norm=o.grad_clip,
+                           comm_dtype=comm)
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
 
 

@@ -14,7 +14,7 @@ from modeling.packing import register
 from trainer.config import LossConfig, TrainConfig
 from trainer.grad_cache import CachedStep
 from trainer.objective import compute
-from trainer.zero import client_optimizer, ds_config, make_optimizer, reduce_once
+from trainer.zero import client_optimizer, ds_config, make_optimizer, master_weights, reduce_once
 
 model_path, batch_path, stage, zero, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 # padded | chunked | cached | packed | packed-cached | persist (chunked, every ZeRO-3 tensor persistent)
@@ -38,17 +38,19 @@ assert enc.packed == ("packed" in mode)
 # the trainer's own DeepSpeed config (trainer.zero.ds_config), so the equivalence covers what training runs
 tc = TrainConfig()
 tc.loader.batch_size, tc.loader.grad_accum, tc.deepspeed.zero_stage = batch["query_input_ids"].shape[0], 1, zero
-tc.optim.lr = 0.0
+tc.optim.lr, tc.optim.grad_clip = 0.0, 0.0
 # persist: every tensor whole on every rank (what auto persistence picks when the model fits); else partition all
 tc.deepspeed.stage3_param_persistence_threshold = 10**9 if "persist" in mode else 0
 cfg = ds_config(tc, bf16=bf16, hidden=enc.backbone.config.hidden_size)
 params = list(enc.parameters())
+master = master_weights(tc, zero, bf16)  # ZeRO-0 in bf16: the trainer's MasterAdamW reduces in its step
 engine, *_ = deepspeed.initialize(
     model=enc,
     model_parameters=params,
     config=cfg,
-    optimizer=make_optimizer(tc, params) if client_optimizer(tc) else None,
+    optimizer=make_optimizer(tc, params, master) if client_optimizer(tc) else None,
 )
+engine.enable_backward_allreduce = not master
 if mode.endswith("cached"):
     step = CachedStep(engine, CHUNK)
     terms = step.forward(batch, stage, LOSS)
@@ -62,7 +64,11 @@ if mode.endswith("cached"):
 else:
     terms = compute(engine, batch, stage, LOSS, chunk_tokens=0 if mode in ("padded", "local") else CHUNK)
     engine.backward(terms["loss"])
-grads = {n: safe_get_full_grad(p).detach().float().clone() for n, p in engine.module.named_parameters()}
+if master:  # the averaged fp32 gradients the masters are stepped with (lr 0, no clipping)
+    engine.step()
+    grads = {n: m.grad.clone() for (n, _), m in zip(engine.module.named_parameters(), engine.optimizer.masters)}
+else:
+    grads = {n: safe_get_full_grad(p).detach().float().clone() for n, p in engine.module.named_parameters()}
 loss = D.mean_across(terms["loss"])
 if rank == 0:
     torch.save({"grads": grads, "loss": loss}, out)

@@ -39,6 +39,23 @@ def test_exact_resume_after_a_stop(setup, full_run):
     assert_same_losses(out, full_run[0], keys=("loss", "infonce", "accuracy", "lr", "grad_norm", "masked_negatives"))
 
 
+def test_exact_resume_bf16_zero0_master_weights(setup):
+    """ZeRO-0 in bf16 (trainer/master_weights.py: fp32 masters and Adam moments in the optimizer's state, not in
+    DeepSpeed's partitions): 3 steps, process gone, 3 more equal an uninterrupted 6-step run, step for step."""
+    require_netns()
+    args = ("deepspeed.zero_stage=0", "model.dtype=bf16")
+    ref, out = setup["dir"] / "z0bf16-full", setup["dir"] / "z0bf16-resumed"
+    r0 = torchrun(train_cmd(setup["c"], setup["model"], ref, *args))
+    assert r0.returncode == 0, r0.stdout[-3000:] + r0.stderr[-3000:]
+    assert "optimizer=fp32-master AdamW (trainer)" in r0.stdout
+    r1 = torchrun(train_cmd(setup["c"], setup["model"], out, "run.stop_after_steps=3", *args))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = torchrun(train_cmd(setup["c"], setup["model"], out, *args))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "resumed_from=step00000003" in r2.stdout
+    assert_same_losses(out, ref)
+
+
 def test_resume_with_another_zero_stage_is_refused(setup):
     """A ZeRO-3 checkpoint is not loaded into a ZeRO-2 engine (the main job's --zero-stage on a reused --out): one
     clear error naming both stages, and the checkpoint is left as it was."""

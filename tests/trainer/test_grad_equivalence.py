@@ -86,16 +86,17 @@ def test_sharded_gradients_equal_single_process(tmp_path, stage, zero, mode):
     assert any(p.grad.abs().max() > 0 for p in enc.parameters())  # the reference has gradients to compare
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_bf16_sharded_gradients_track_fp32(tmp_path, stage):
-    """model.dtype=bf16 under DeepSpeed ZeRO-2 on 2 gloo ranks (bf16 forward, backward and gradient reduction; the
-    optimizer's fp32 master copy) points the same way as one fp32 process on the whole batch. A bf16 path that lost
-    or mis-scaled gradients (a reduction in the wrong dtype, a missing average over ranks) would fail this."""
+@pytest.mark.parametrize("stage, zero", [(1, 2), (2, 2), (1, 0), (2, 0)])
+def test_bf16_sharded_gradients_track_fp32(tmp_path, stage, zero):
+    """model.dtype=bf16 on 2 gloo ranks, under DeepSpeed ZeRO-2 (bf16 forward, backward and gradient reduction; the
+    optimizer's fp32 master copy) and ZeRO-0 (MasterAdamW's one flat all-reduce, read from its fp32 masters'
+    gradients), points the same way as one fp32 process on the whole batch. A bf16 path that lost or mis-scaled
+    gradients (a reduction in the wrong dtype, a missing average over ranks) would fail this."""
     require_netns()
     model = make_tiny_model(tmp_path / "tiny")
     batch = global_batch(stage)
     torch.save(batch, tmp_path / "batch.pt")
-    r = torchrun(["tests/scripts/grad_equiv.py", str(model), str(tmp_path / "batch.pt"), str(stage), "2",
+    r = torchrun(["tests/scripts/grad_equiv.py", str(model), str(tmp_path / "batch.pt"), str(stage), str(zero),
                   str(tmp_path / "grads.pt"), "chunked", "bf16"])
     assert r.returncode == 0, r.stderr[-4000:]
     sharded = torch.load(tmp_path / "grads.pt")
